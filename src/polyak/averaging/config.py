@@ -1,0 +1,140 @@
+"""The averaging configuration, read from AlgoPerf hyperparameters.
+
+Hyperparameter names (the public interface, shared by both frameworks):
+
+- ``averaging``: ``"none"`` | ``"lawa"`` | ``"ema"`` (missing means ``"none"``).
+- ``averaging_every`` (ν): steps between two collections.
+- ``lawa_window`` (L): how many collections LAWA averages.
+- ``ema_beta`` (β): EMA decay per collection.
+- ``averaging_start_frac``: fraction of ``step_hint`` before the first collection.
+- ``averaging_buffers``: ``"live"`` keeps the live BatchNorm statistics in the
+  averaged model (the paper's behaviour), ``"average"`` averages float buffers.
+- ``averaging_placement``: ``"device"`` | ``"host"`` | ``"sharded"``.
+
+Collection rule. Steps are counted from 1: ``step = global_step + 1`` after the
+optimizer step of AlgoPerf's ``update_params(global_step=...)``. A collection
+happens when ``step >= start_step`` and ``step % every == 0``.
+
+Defaults follow Ajroldi, Orvieto & Geiping (2025): the averaging horizon ν·L
+is about 1% of ``step_hint``, with L = 20 for LAWA and β = 0.9 for EMA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+from polyak.hyperparameters import lookup
+
+Mode = Literal["none", "lawa", "ema"]
+Placement = Literal["device", "host", "sharded"]
+BufferPolicy = Literal["live", "average"]
+
+MODES: tuple[str, ...] = ("none", "lawa", "ema")
+PLACEMENTS: tuple[str, ...] = ("device", "host", "sharded")
+BUFFER_POLICIES: tuple[str, ...] = ("live", "average")
+
+DEFAULT_WINDOW = 20
+DEFAULT_BETA = 0.9
+# The paper's best horizon: ν·L ≈ 1% of the step budget.
+HORIZON_FRACTION = 0.01
+
+
+class AveragingError(ValueError):
+    """An averaging hyperparameter is out of range or unknown."""
+
+
+def default_every(step_hint: int, window: int = DEFAULT_WINDOW) -> int:
+    """ν such that ν·L is about 1% of step_hint (at least 1)."""
+    return max(1, round(HORIZON_FRACTION * step_hint / window))
+
+
+@dataclasses.dataclass(frozen=True)
+class AveragingConfig:
+    """Validated averaging settings. Build it with :meth:`from_hyperparameters`."""
+
+    mode: Mode = "none"
+    every: int = 1
+    window: int = DEFAULT_WINDOW
+    beta: float = DEFAULT_BETA
+    start_frac: float = 0.0
+    step_hint: int = 1
+    buffers: BufferPolicy = "live"
+    placement: Placement = "device"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise AveragingError(f"averaging={self.mode!r} is unknown; expected one of {MODES}")
+        if not _is_int(self.every) or self.every < 1:
+            raise AveragingError(
+                f"averaging_every={self.every!r} must be an integer >= 1 (steps between collections)"
+            )
+        if not _is_int(self.window) or self.window < 1:
+            raise AveragingError(f"lawa_window={self.window!r} must be an integer >= 1")
+        if not isinstance(self.beta, (int, float)) or not 0.0 < self.beta < 1.0:
+            raise AveragingError(f"ema_beta={self.beta!r} must lie in the open interval (0, 1)")
+        if not isinstance(self.start_frac, (int, float)) or not 0.0 <= self.start_frac < 1.0:
+            raise AveragingError(
+                f"averaging_start_frac={self.start_frac!r} must lie in [0, 1) (a fraction of step_hint)"
+            )
+        if not _is_int(self.step_hint) or self.step_hint < 1:
+            raise AveragingError(f"step_hint={self.step_hint!r} must be an integer >= 1")
+        if self.buffers not in BUFFER_POLICIES:
+            raise AveragingError(
+                f"averaging_buffers={self.buffers!r} is unknown; expected one of {BUFFER_POLICIES}"
+            )
+        if self.placement not in PLACEMENTS:
+            raise AveragingError(
+                f"averaging_placement={self.placement!r} is unknown; expected one of {PLACEMENTS}"
+            )
+        # Normalise JSON floats (64.0) to the ints the buffers are sized by.
+        object.__setattr__(self, "every", int(self.every))
+        object.__setattr__(self, "window", int(self.window))
+        object.__setattr__(self, "step_hint", int(self.step_hint))
+        object.__setattr__(self, "beta", float(self.beta))
+        object.__setattr__(self, "start_frac", float(self.start_frac))
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: Any, step_hint: int) -> AveragingConfig:
+        """Reads the averaging names from an AlgoPerf hyperparameter point (or None)."""
+        window = lookup(hyperparameters, "lawa_window", DEFAULT_WINDOW)
+        mode = lookup(hyperparameters, "averaging", "none")
+        if isinstance(mode, str):
+            mode = mode.lower()
+        return cls(
+            mode=mode,
+            every=lookup(hyperparameters, "averaging_every", default_every(step_hint, _safe(window))),
+            window=window,
+            beta=lookup(hyperparameters, "ema_beta", DEFAULT_BETA),
+            start_frac=lookup(hyperparameters, "averaging_start_frac", 0.0),
+            step_hint=step_hint,
+            buffers=lookup(hyperparameters, "averaging_buffers", "live"),
+            placement=lookup(hyperparameters, "averaging_placement", "device"),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def start_step(self) -> int:
+        """The first step (counted from 1) that may be collected."""
+        return max(1, math.ceil(self.start_frac * self.step_hint))
+
+    def should_collect(self, step: int) -> bool:
+        """Whether the weights after step ``step`` (counted from 1) are collected."""
+        return self.enabled and step >= self.start_step and step % self.every == 0
+
+
+def _is_int(value: Any) -> bool:
+    # JSON search spaces give floats such as 64.0; bools are not counts.
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _safe(window: Any) -> int:
+    # The default ν is derived from L before L is validated; a bad L is
+    # reported by __post_init__, not by this arithmetic.
+    return window if _is_int(window) and window >= 1 else DEFAULT_WINDOW
