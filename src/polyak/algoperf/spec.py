@@ -66,7 +66,7 @@ except ImportError:
     class TrainingCompleteError(Exception):  # type: ignore[no-redef]
         pass
 
-    class Workload(metaclass=abc.ABCMeta):  # type: ignore[no-redef]
+    class Workload(metaclass=abc.ABCMeta):  # type: ignore[no-redef]  # noqa: B024
         """The part of algoperf's Workload base class that submissions touch."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:

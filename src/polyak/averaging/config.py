@@ -68,7 +68,8 @@ class AveragingConfig:
             raise AveragingError(f"averaging={self.mode!r} is unknown; expected one of {MODES}")
         if not _is_int(self.every) or self.every < 1:
             raise AveragingError(
-                f"averaging_every={self.every!r} must be an integer >= 1 (steps between collections)"
+                f"averaging_every={self.every!r} must be an integer >= 1 "
+                "(steps between collections)"
             )
         if not _is_int(self.window) or self.window < 1:
             raise AveragingError(f"lawa_window={self.window!r} must be an integer >= 1")
@@ -76,7 +77,8 @@ class AveragingConfig:
             raise AveragingError(f"ema_beta={self.beta!r} must lie in the open interval (0, 1)")
         if not isinstance(self.start_frac, (int, float)) or not 0.0 <= self.start_frac < 1.0:
             raise AveragingError(
-                f"averaging_start_frac={self.start_frac!r} must lie in [0, 1) (a fraction of step_hint)"
+                f"averaging_start_frac={self.start_frac!r} must lie in [0, 1) "
+                "(a fraction of step_hint)"
             )
         if not _is_int(self.step_hint) or self.step_hint < 1:
             raise AveragingError(f"step_hint={self.step_hint!r} must be an integer >= 1")
@@ -104,7 +106,9 @@ class AveragingConfig:
             mode = mode.lower()
         return cls(
             mode=mode,
-            every=lookup(hyperparameters, "averaging_every", default_every(step_hint, _safe(window))),
+            every=lookup(
+                hyperparameters, "averaging_every", default_every(step_hint, _safe(window))
+            ),
             window=window,
             beta=lookup(hyperparameters, "ema_beta", DEFAULT_BETA),
             start_frac=lookup(hyperparameters, "averaging_start_frac", 0.0),

@@ -28,6 +28,9 @@ class ShampooConfig:
     # statistics warm up.
     start_preconditioning_step: int = 100
     # First moment of the search direction (NAdam-style when use_nesterov).
+    # As in Distributed Shampoo, it filters the gradient *before* the
+    # preconditioner and the grafted method are applied (both see the same
+    # filtered gradient); the statistics always use the raw gradient.
     beta1: float = 0.9
     # EMA of the factor statistics; 1.0 sums them instead.
     beta2: float = 0.999
@@ -46,23 +49,37 @@ class ShampooConfig:
     # Parameters with any dimension at least this large (Criteo's embedding
     # table) are grafted only: their factors would not fit.
     preconditioning_dim_limit: int = 1_000_000
+    # EMA momentum on the final direction (after preconditioning, grafting
+    # and weight decay), Nesterov-style when use_nesterov; 0 turns it off.
+    # Distributed Shampoo's `momentum` (AlgoPerf v0.5: 1 - one_minus_momentum
+    # when use_momentum, else 0).
+    momentum: float = 0.0
 
     def __post_init__(self) -> None:
         _positive_int("max_preconditioner_dim", self.max_preconditioner_dim)
         _positive_int("precondition_frequency", self.precondition_frequency)
         _positive_int("preconditioning_dim_limit", self.preconditioning_dim_limit)
-        if not isinstance(self.start_preconditioning_step, int) or self.start_preconditioning_step < 0:
+        if (
+            not isinstance(self.start_preconditioning_step, int)
+            or self.start_preconditioning_step < 0
+        ):
             raise ShampooConfigError(
-                f"start_preconditioning_step={self.start_preconditioning_step!r} must be an integer >= 0"
+                f"start_preconditioning_step={self.start_preconditioning_step!r} "
+                "must be an integer >= 0"
             )
         if not isinstance(self.inv_root_override, int) or self.inv_root_override < 0:
             raise ShampooConfigError(
-                f"inv_root_override={self.inv_root_override!r} must be 0 (default exponent) or a positive integer"
+                f"inv_root_override={self.inv_root_override!r} "
+                "must be 0 (default exponent) or a positive integer"
             )
         if not 0.0 <= self.beta1 < 1.0:
             raise ShampooConfigError(f"beta1={self.beta1!r} must lie in [0, 1)")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ShampooConfigError(f"momentum={self.momentum!r} must lie in [0, 1)")
         if not 0.0 < self.beta2 <= 1.0:
-            raise ShampooConfigError(f"beta2={self.beta2!r} must lie in (0, 1] (1 sums the statistics)")
+            raise ShampooConfigError(
+                f"beta2={self.beta2!r} must lie in (0, 1] (1 sums the statistics)"
+            )
         if not 0.0 <= self.grafting_beta2 < 1.0:
             raise ShampooConfigError(f"grafting_beta2={self.grafting_beta2!r} must lie in [0, 1)")
         if not self.epsilon > 0.0:
@@ -72,7 +89,9 @@ class ShampooConfig:
         if not self.weight_decay >= 0.0:
             raise ShampooConfigError(f"weight_decay={self.weight_decay!r} must be >= 0")
         if self.grafting not in GRAFTINGS:
-            raise ShampooConfigError(f"grafting={self.grafting!r} is unknown; expected one of {GRAFTINGS}")
+            raise ShampooConfigError(
+                f"grafting={self.grafting!r} is unknown; expected one of {GRAFTINGS}"
+            )
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -1,0 +1,32 @@
+"""Resolving a hyperparameter point against a submission's defaults.
+
+External tuning passes a search-space point: names it lacks take the
+optimizer's defaults, and a missing ``averaging`` means no averaging, so the
+plain baseline search space runs the plain baseline. Self-tuning passes
+``None``: then every name takes its documented default, and averaging is on
+(LAWA with the paper's horizon, ν·L ≈ 1% of step_hint).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from typing import Any
+
+from polyak.hyperparameters import as_dict
+
+SELF_TUNING_AVERAGING: Mapping[str, Any] = {"averaging": "lawa"}
+
+
+def resolve_hyperparameters(
+    hyperparameters: Any,
+    optimizer_defaults: Mapping[str, Any],
+    self_tuning_extra: Mapping[str, Any] | None = None,
+) -> types.SimpleNamespace:
+    """One attribute-access view with every name the submission reads."""
+    if hyperparameters is None:
+        merged = {**optimizer_defaults, **SELF_TUNING_AVERAGING, **(self_tuning_extra or {})}
+    else:
+        given = {k: v for k, v in as_dict(hyperparameters).items() if v is not None}
+        merged = {**optimizer_defaults, **given}
+    return types.SimpleNamespace(**merged)

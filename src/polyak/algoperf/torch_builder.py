@@ -1,0 +1,208 @@
+"""Builds AlgoPerf's five submission functions for PyTorch.
+
+A submission is an optimizer factory plus its default hyperparameters; the
+builder adds what every polyak submission shares: the loss as AlgoPerf's
+baseline computes it (summed / n_valid, all-reduced under DDP), label
+smoothing, dropout, optional gradient clipping, training metrics, and weight
+averaging evaluated through ``prepare_for_eval``.
+
+``optimizer_state`` is a dict whose every value has ``state_dict`` and
+``load_state_dict``, because AlgoPerf's torch checkpointing calls them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from absl import logging
+
+from polyak.algoperf import spec
+from polyak.algoperf.batch_sizes import get_batch_size
+from polyak.algoperf.defaults import resolve_hyperparameters
+from polyak.averaging.config import AveragingConfig
+from polyak.averaging.torch_backend import TorchAverager
+
+OptimizerFactory = Callable[
+    [Iterable[torch.Tensor], Any, int],
+    "tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Submission:
+    """AlgoPerf's submission API, as plain functions with v0.6 signatures."""
+
+    init_optimizer_state: Callable[..., Any]
+    update_params: Callable[..., Any]
+    prepare_for_eval: Callable[..., Any]
+    get_batch_size: Callable[[str], int]
+    data_selection: Callable[..., Any]
+
+
+def _use_ddp() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _should_log(global_step: int) -> bool:
+    # The baseline's cadence: the first 100 steps, then every 500. Logging
+    # reads values back to the host, which would stall every step otherwise.
+    return global_step <= 100 or global_step % 500 == 0
+
+
+def build_submission(
+    make_optimizer: OptimizerFactory,
+    optimizer_defaults: Mapping[str, Any],
+    self_tuning_extra: Mapping[str, Any] | None = None,
+) -> Submission:
+    """Turns an optimizer factory into AlgoPerf's five submission functions."""
+
+    def hyperparameters_of(hyperparameters: Any) -> Any:
+        return resolve_hyperparameters(hyperparameters, optimizer_defaults, self_tuning_extra)
+
+    def init_optimizer_state(
+        workload: spec.Workload,
+        model_params: torch.nn.Module,
+        model_state: Any,
+        hyperparameters: Any,
+        rng: Any,
+    ) -> dict[str, Any]:
+        del model_state, rng
+        hp = hyperparameters_of(hyperparameters)
+        # Validate averaging first: a bad value should fail before any
+        # optimizer memory is allocated.
+        averaging = AveragingConfig.from_hyperparameters(hp, workload.step_hint)
+        optimizer, scheduler = make_optimizer(model_params.parameters(), hp, workload.step_hint)
+        return {
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "averager": TorchAverager(averaging, model_params),
+        }
+
+    def update_params(
+        workload: spec.Workload,
+        current_param_container: torch.nn.Module,
+        current_params_types: Any,
+        model_state: Any,
+        hyperparameters: Any,
+        batch: dict[str, torch.Tensor],
+        loss_type: Any,
+        optimizer_state: dict[str, Any],
+        eval_results: list[tuple[int, float]],
+        global_step: int,
+        rng: Any,
+        train_state: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], torch.nn.Module, Any]:
+        del current_params_types, loss_type, eval_results, train_state
+        hp = hyperparameters_of(hyperparameters)
+        model = current_param_container
+        averager: TorchAverager = optimizer_state["averager"]
+        optimizer: torch.optim.Optimizer = optimizer_state["optimizer"]
+        # prepare_for_eval may have loaded the average: train the live weights.
+        averager.restore_live()
+
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        logits, new_model_state = workload.model_fn(
+            params=model,
+            augmented_and_preprocessed_input_batch=batch,
+            model_state=model_state,
+            mode=spec.ForwardPassMode.TRAIN,
+            rng=rng,
+            update_batch_norm=True,
+            dropout_rate=hp.dropout_rate,
+        )
+        loss_dict = workload.loss_fn(
+            label_batch=batch["targets"],
+            logits_batch=logits,
+            mask_batch=batch.get("weights"),
+            label_smoothing=getattr(hp, "label_smoothing", 0.0),
+        )
+        summed_loss = loss_dict["summed"]
+        n_valid = loss_dict["n_valid_examples"]
+        if _use_ddp():
+            # The autograd-aware all_reduce scales gradients by the global
+            # number of examples, as AlgoPerf's baseline does.
+            import torch.distributed.nn as dist_nn
+
+            summed_loss = dist_nn.all_reduce(summed_loss)
+            n_valid = dist_nn.all_reduce(n_valid)
+        loss = summed_loss / n_valid
+        loss.backward()
+
+        grad_clip = getattr(hp, "grad_clip", None)
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=grad_clip)
+        optimizer.step()
+        optimizer_state["scheduler"].step()
+        averager.collect(global_step + 1)
+
+        if _should_log(global_step):
+            _log_training_metrics(workload, model, loss, averager, global_step)
+        return optimizer_state, current_param_container, new_model_state
+
+    def prepare_for_eval(
+        workload: spec.Workload,
+        current_param_container: torch.nn.Module,
+        current_params_types: Any,
+        model_state: Any,
+        hyperparameters: Any,
+        loss_type: Any,
+        optimizer_state: dict[str, Any],
+        eval_results: list[tuple[int, float]],
+        global_step: int,
+        rng: Any,
+    ) -> tuple[dict[str, Any], torch.nn.Module, Any]:
+        del workload, current_params_types, hyperparameters, loss_type
+        del eval_results, global_step, rng
+        optimizer_state["averager"].swap_in_average()
+        return optimizer_state, current_param_container, model_state
+
+    def data_selection(
+        workload: spec.Workload,
+        input_queue: Iterator[dict[str, Any]],
+        optimizer_state: dict[str, Any],
+        current_param_container: torch.nn.Module,
+        model_state: Any,
+        hyperparameters: Any,
+        global_step: int,
+        rng: Any,
+    ) -> dict[str, Any]:
+        del workload, optimizer_state, current_param_container, model_state
+        del hyperparameters, global_step, rng
+        return next(input_queue)
+
+    return Submission(
+        init_optimizer_state=init_optimizer_state,
+        update_params=update_params,
+        prepare_for_eval=prepare_for_eval,
+        get_batch_size=get_batch_size,
+        data_selection=data_selection,
+    )
+
+
+@torch.no_grad()
+def _log_training_metrics(
+    workload: spec.Workload,
+    model: torch.nn.Module,
+    loss: torch.Tensor,
+    averager: TorchAverager,
+    global_step: int,
+) -> None:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0.0
+    metrics = {
+        "loss": float(loss),
+        "grad_norm": float(grad_norm),
+        "averaging/num_collected": averager.num_collected,
+        "averaging/num_skipped_nonfinite": averager.num_skipped_nonfinite,
+    }
+    logger = getattr(workload, "metrics_logger", None)
+    if logger is not None:
+        logger.append_scalar_metrics(metrics, global_step)
+    logging.info(
+        "%d) loss = %0.4f, grad_norm = %0.4f", global_step, metrics["loss"], metrics["grad_norm"]
+    )

@@ -1,0 +1,69 @@
+"""The averaging config: validation, defaults and the collection rule."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from polyak.averaging.config import AveragingConfig, AveragingError, default_every
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("averaging", "swa", "averaging='swa' is unknown"),
+        ("ema_beta", 1.0, "ema_beta=1.0 must lie in the open interval (0, 1)"),
+        ("ema_beta", 0.0, "ema_beta=0.0"),
+        ("ema_beta", -0.5, "ema_beta=-0.5"),
+        ("lawa_window", 0, "lawa_window=0 must be an integer >= 1"),
+        ("lawa_window", 2.5, "lawa_window=2.5"),
+        ("averaging_every", 0, "averaging_every=0 must be an integer >= 1"),
+        ("averaging_every", True, "averaging_every=True"),
+        ("averaging_start_frac", 1.0, "averaging_start_frac=1.0 must lie in [0, 1)"),
+        ("averaging_start_frac", -0.1, "averaging_start_frac=-0.1"),
+        ("averaging_placement", "gpu", "averaging_placement='gpu' is unknown"),
+        ("averaging_buffers", "mean", "averaging_buffers='mean' is unknown"),
+    ],
+)
+def test_bad_hyperparameters_name_the_value(name: str, value: object, message: str) -> None:
+    hp = {"averaging": "lawa", name: value}
+    with pytest.raises(AveragingError) as error:
+        AveragingConfig.from_hyperparameters(hp, step_hint=1000)
+    assert message in str(error.value)
+
+
+def test_missing_averaging_means_none_and_none_hyperparameters_work() -> None:
+    assert AveragingConfig.from_hyperparameters({"learning_rate": 1.0}, 100).mode == "none"
+    assert AveragingConfig.from_hyperparameters(None, 100).mode == "none"
+
+
+def test_attribute_access_and_json_floats() -> None:
+    hp = types.SimpleNamespace(averaging="LAWA", averaging_every=64.0, lawa_window=20.0)
+    config = AveragingConfig.from_hyperparameters(hp, step_hint=10_000)
+    assert (config.mode, config.every, config.window) == ("lawa", 64, 20)
+    assert isinstance(config.every, int) and isinstance(config.window, int)
+
+
+@given(step_hint=st.integers(1, 10_000_000), window=st.integers(1, 200))
+def test_default_horizon_is_about_one_percent(step_hint: int, window: int) -> None:
+    every = default_every(step_hint, window)
+    assert every >= 1
+    if step_hint * 0.01 / window >= 1:
+        # ν·L within half a ν of 1% of the budget.
+        assert abs(every * window - 0.01 * step_hint) <= window / 2 + 1e-9
+
+
+@given(
+    every=st.integers(1, 50),
+    start_frac=st.floats(0.0, 0.99),
+    step_hint=st.integers(1, 5000),
+    step=st.integers(1, 10_000),
+)
+def test_collection_rule(every: int, start_frac: float, step_hint: int, step: int) -> None:
+    config = AveragingConfig(mode="ema", every=every, start_frac=start_frac, step_hint=step_hint)
+    expected = step >= start_frac * step_hint and step % every == 0
+    assert config.should_collect(step) == expected
+    assert not AveragingConfig(mode="none").should_collect(step)

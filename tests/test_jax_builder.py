@@ -1,0 +1,133 @@
+"""The JAX builder: jit with shardings, donation, and the averaging swap."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization
+
+from fakes import SGD_DEFAULTS, JaxLinearWorkload, batches, hparams, make_jax_sgd
+from polyak.algoperf.jax_builder import build_submission
+from polyak.averaging.config import AveragingError
+
+SUBMISSION = build_submission(make_jax_sgd, SGD_DEFAULTS)
+EVAL_STEPS = {1, 6, 12, 18}
+
+
+def _np(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def _run(hp, steps: int = 20, with_evals: bool = True):
+    workload = JaxLinearWorkload()
+    params, model_state = workload.init_model_fn(0)
+    state = SUBMISSION.init_optimizer_state(workload, params, model_state, hp, None)
+    rng = jax.random.PRNGKey(0)
+    live, evaluated = [], {}
+    for global_step, batch in enumerate(batches(0, steps)):
+        state, params, model_state = SUBMISSION.update_params(
+            workload, params, None, model_state, hp, batch, None, state, [], global_step, rng
+        )
+        live.append((_np(params), _np(model_state)))
+        if with_evals and global_step + 1 in EVAL_STEPS:
+            state, params, model_state = SUBMISSION.prepare_for_eval(
+                workload, params, None, model_state, hp, None, state, [], global_step + 1, rng
+            )
+            evaluated[global_step + 1] = (_np(params), _np(model_state))
+    return live, evaluated, state
+
+
+def _assert_tree_equal(a, b) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("mode", ["lawa", "ema"])
+def test_averaging_never_changes_the_training_trajectory(mode: str) -> None:
+    plain, _, _ = _run(hparams(), with_evals=False)
+    averaged, evaluated, _ = _run(
+        hparams(averaging=mode, averaging_every=2, lawa_window=3, ema_beta=0.8)
+    )
+    for a, b in zip(plain, averaged):
+        _assert_tree_equal(a, b)
+    for step, (params, model_state) in evaluated.items():
+        collected = [plain[s - 1][0] for s in range(1, step + 1) if s % 2 == 0]
+        if not collected:
+            _assert_tree_equal(params, plain[step - 1][0])
+            continue
+        for key in ("kernel", "bias"):
+            snaps = [c[key].astype(np.float64) for c in collected]
+            if mode == "lawa":
+                expected = np.mean(snaps[-3:], axis=0)
+            else:
+                expected = snaps[0]
+                for w in snaps[1:]:
+                    expected = 0.8 * expected + 0.2 * w
+            np.testing.assert_allclose(params[key], expected, rtol=1e-5, atol=1e-6)
+        _assert_tree_equal(model_state, plain[step - 1][1])
+
+
+def test_average_buffers_policy_averages_model_state_and_restores_it() -> None:
+    hp = hparams(averaging="lawa", averaging_every=1, lawa_window=2, averaging_buffers="average")
+    plain, _, _ = _run(hparams(), with_evals=False)
+    averaged, evaluated, _ = _run(hp)
+    for a, b in zip(plain, averaged):
+        _assert_tree_equal(a, b)
+    expected = (plain[4][1]["running_scale"] + plain[5][1]["running_scale"]) / 2
+    np.testing.assert_allclose(evaluated[6][1]["running_scale"], expected, rtol=1e-6)
+
+
+def test_state_is_replicated_and_optimizer_state_is_a_pair() -> None:
+    _, _, state = _run(hparams(averaging="lawa", averaging_every=2, lawa_window=3), steps=4)
+    pytree, programs = state
+    assert callable(programs)
+    for leaf in jax.tree.leaves(pytree):
+        assert leaf.sharding.is_fully_replicated
+        assert len(leaf.sharding.device_set) == len(jax.devices())
+
+
+def test_checkpoint_round_trip_after_eval_continues_identically() -> None:
+    hp = hparams(averaging="ema", averaging_every=1, ema_beta=0.9)
+    workload = JaxLinearWorkload()
+    data = batches(1, 12)
+    rng = jax.random.PRNGKey(1)
+
+    def train(params, model_state, state, start, stop):
+        for i in range(start, stop):
+            state, params, model_state = SUBMISSION.update_params(
+                workload, params, None, model_state, hp, data[i], None, state, [], i, rng
+            )
+        return params, model_state, state
+
+    params, model_state = workload.init_model_fn(0)
+    state = SUBMISSION.init_optimizer_state(workload, params, model_state, hp, None)
+    params, model_state, state = train(params, model_state, state, 0, 6)
+    state, params, model_state = SUBMISSION.prepare_for_eval(
+        workload, params, None, model_state, hp, None, state, [], 6, rng
+    )
+    # AlgoPerf's JAX checkpoint: the pytree half, restored into a fresh one.
+    saved = serialization.to_bytes({"opt": state[0], "params": params, "model_state": model_state})
+    final, _, _ = train(params, model_state, state, 6, 12)
+
+    fresh_params, fresh_model_state = workload.init_model_fn(3)
+    fresh_state = SUBMISSION.init_optimizer_state(
+        workload, fresh_params, fresh_model_state, hp, None
+    )
+    target = {"opt": fresh_state[0], "params": fresh_params, "model_state": fresh_model_state}
+    restored = serialization.from_bytes(target, saved)
+    resumed_state = (jax.tree.map(jnp.asarray, restored["opt"]), fresh_state[1])
+    resumed, _, _ = train(restored["params"], restored["model_state"], resumed_state, 6, 12)
+    _assert_tree_equal(_np(final), _np(resumed))
+
+
+def test_self_tuning_and_bad_hyperparameters() -> None:
+    workload = JaxLinearWorkload()
+    params, model_state = workload.init_model_fn(0)
+    _, programs = SUBMISSION.init_optimizer_state(workload, params, model_state, None, None)
+    assert programs.averaging.mode == "lawa"
+    with pytest.raises(AveragingError, match="ema_beta=0"):
+        SUBMISSION.init_optimizer_state(
+            workload, params, model_state, hparams(averaging="ema", ema_beta=0), None
+        )
