@@ -1,0 +1,16 @@
+"""Blocked Shampoo with Adam grafting and LAWA/EMA weight averaging, in JAX.
+
+The averaging is chosen by the hyperparameters (`averaging`, `averaging_every`,
+`lawa_window`, `ema_beta`, ...); see tuning_search_spaces/shampoo*.json.
+"""
+
+from polyak.algoperf.jax_builder import build_submission
+from polyak.optim.shampoo_jax import DEFAULT_HYPERPARAMETERS, make_shampoo
+
+_submission = build_submission(make_shampoo, DEFAULT_HYPERPARAMETERS)
+
+init_optimizer_state = _submission.init_optimizer_state
+update_params = _submission.update_params
+prepare_for_eval = _submission.prepare_for_eval
+get_batch_size = _submission.get_batch_size
+data_selection = _submission.data_selection
