@@ -1,0 +1,21 @@
+"""The runner: launch the eight AlgoPerf workloads (or the embedded CPU suite) and report.
+
+Modules, one concept each:
+
+- ``errors``: the error types (each names the bad value and what was expected).
+- ``atomic``: every file the runner writes is written atomically.
+- ``workload_table``: the eight AlgoPerf workloads (targets, budgets, step hints).
+- ``search_space``: validating and reading tuning search-space files.
+- ``commands``: exact command lines for ``submission_runner`` (python, torchrun, docker).
+- ``completion``: what a finished trial is, and the markers that record it.
+- ``progress``: turning AlgoPerf's log stream into progress lines.
+- ``launch``: running the plans one workload after another.
+- ``results``: parsing ``eval_measurements.csv`` and time-to-target per trial and workload.
+- ``scoring``: performance profiles and the AlgoPerf benchmark score.
+- ``report``: Markdown/CSV tables and PNG plots.
+- ``embedded``: the CPU suite on the embedded workloads through the local loop.
+- ``submission_loader``: importing a submission file by path, as AlgoPerf does.
+- ``smoke``: a few steps of each real AlgoPerf workload on synthetic batches.
+
+Nothing in polyak imports this package; it sits on top of everything else.
+"""

@@ -1,0 +1,523 @@
+"""Launch plans: the exact command lines that run AlgoPerf's ``submission_runner``.
+
+One plan per workload. Three launchers:
+
+- ``python``: ``python -m submission_runner <flags>`` (one device, or JAX on all GPUs);
+- ``torchrun``: ``torchrun --standalone --nnodes=1 --nproc_per_node=N -m submission_runner
+  <flags>`` for PyTorch DDP; with ``--rdzv_endpoint`` (multi-node) ``--standalone`` is replaced
+  by ``--nnodes=K --nproc_per_node=N --rdzv_backend=B --rdzv_endpoint=HOST:PORT``;
+- ``docker``: ``docker run`` of our image, whose entrypoint runs this same runner for one
+  workload inside the container (``scripts/run_workloads.py --suite=algoperf``).
+
+Rules that keep AlgoPerf from tripping:
+
+- ``submission_runner`` is started as a module (algoperf installs it as the top-level module
+  ``submission_runner``) from the repository root, so the relative ``--submission_path``
+  (``submissions/nadamw/pytorch/submission.py``) is importable as a dotted module;
+- ``--overwrite`` or ``--resume_last_run`` is always passed, so the runner never stops to
+  ask on the keyboard whether to reuse an existing experiment directory;
+- ``--data_dir`` is the dataset's folder in AlgoPerf's layout (``<root>/ogbg``,
+  ``<root>/imagenet/<framework>``, ...), plus ``--imagenet_v2_data_dir`` for ImageNet and
+  ``--librispeech_tokenizer_vocab_path`` for LibriSpeech, as AlgoPerf's docker script does;
+- ``--experiment_dir`` and ``--data_dir`` are absolute paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from polyak.runner.errors import LaunchConfigError, RunnerError, UnknownSubmissionError
+from polyak.runner.search_space import SearchSpace, load_search_space
+from polyak.runner.workload_table import ALGOPERF_WORKLOADS, FRAMEWORKS
+
+LAUNCHERS: tuple[str, ...] = ("python", "torchrun", "docker")
+SUBMISSION_NAMES: tuple[str, ...] = ("nadamw", "shampoo")
+TUNING_RULESETS: tuple[str, ...] = ("external", "self")
+RUNNER_MODULE = "submission_runner"
+# AlgoPerf's reference machine has 8 GPUs; pass --nproc_per_node for anything else.
+DEFAULT_NPROC_PER_NODE = 8
+DEFAULT_RDZV_BACKEND = "c10d"
+
+# Paths inside our docker image (see Dockerfile).
+CONTAINER_REPO_ROOT = "/workspace/polyak"
+CONTAINER_DATA_DIR = "/data"
+CONTAINER_EXPERIMENT_DIR = "/experiment_runs"
+CONTAINER_SEARCH_SPACE_DIR = "/search_spaces"
+
+# AlgoPerf's dataset folder for each workload (datasets/README.md, docker/scripts/startup.sh).
+DATASET_OF_WORKLOAD: dict[str, str] = {
+    "criteo1tb": "criteo1tb",
+    "fastmri": "fastmri",
+    "imagenet_resnet": "imagenet",
+    "imagenet_vit": "imagenet",
+    "librispeech_conformer": "librispeech",
+    "librispeech_deepspeech": "librispeech",
+    "ogbg": "ogbg",
+    "wmt": "wmt",
+}
+
+
+def find_repo_root(start: str | Path | None = None) -> Path:
+    """The polyak checkout: the first of ``start`` (or cwd) and this file's checkout that
+    holds ``submissions/`` and ``tuning_search_spaces/``."""
+    candidates = [Path(start) if start is not None else Path.cwd()]
+    candidates.append(Path(__file__).resolve().parents[3])
+    for candidate in candidates:
+        candidate = candidate.resolve()
+        if (candidate / "submissions").is_dir() and (candidate / "tuning_search_spaces").is_dir():
+            return candidate
+    raise RunnerError(
+        "cannot find the polyak checkout (a directory with submissions/ and "
+        f"tuning_search_spaces/); looked in {', '.join(str(c) for c in candidates)}. "
+        "Run from the repository root."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Everything the user chose for an AlgoPerf-suite run (one framework)."""
+
+    framework: str
+    submission: str = "nadamw"
+    data_dir: str = "~/data"
+    experiment_dir: str = "~/experiment_runs"
+    experiment_name: str = "polyak"
+    tuning_search_space: str | None = None
+    tuning_ruleset: str = "external"
+    num_tuning_trials: int = 1
+    rng_seed: int | None = None
+    max_global_steps: int | None = None
+    launcher: str = "python"
+    nproc_per_node: int | None = None
+    nnodes: int | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_backend: str | None = None
+    docker_image: str | None = None
+    python: str = "python"
+
+    def __post_init__(self) -> None:
+        if self.framework not in FRAMEWORKS:
+            raise LaunchConfigError(
+                f"framework={self.framework!r}; expected one of {', '.join(FRAMEWORKS)}"
+            )
+        if self.launcher not in LAUNCHERS:
+            raise LaunchConfigError(
+                f"launcher={self.launcher!r}; expected one of {', '.join(LAUNCHERS)}"
+            )
+        if self.tuning_ruleset not in TUNING_RULESETS:
+            raise LaunchConfigError(
+                f"tuning_ruleset={self.tuning_ruleset!r}; expected one of {TUNING_RULESETS}"
+            )
+        if not self.experiment_name or self.experiment_name.startswith(("/", "..")):
+            raise LaunchConfigError(
+                f"experiment_name={self.experiment_name!r}; expected a relative, non-empty name"
+            )
+        for name in ("num_tuning_trials", "nproc_per_node", "nnodes", "max_global_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise LaunchConfigError(f"{name}={value!r}; expected an integer >= 1")
+        if self.launcher == "torchrun" and self.framework == "jax":
+            raise LaunchConfigError(
+                "launcher=torchrun with framework=jax: AlgoPerf runs JAX under plain python "
+                "(one process drives all local GPUs); use --launcher=python"
+            )
+        if self.is_multi_node and not self.rdzv_endpoint:
+            raise LaunchConfigError(
+                f"nnodes={self.nnodes} needs --rdzv_endpoint=HOST:PORT (the rendezvous host)"
+            )
+
+    @property
+    def is_multi_node(self) -> bool:
+        return bool(self.rdzv_endpoint) or (self.nnodes is not None and self.nnodes > 1)
+
+    def with_absolute_paths(self) -> RunSettings:
+        """Data and experiment directories made absolute, as AlgoPerf requires."""
+        return dataclasses.replace(
+            self,
+            data_dir=os.path.abspath(os.path.expanduser(self.data_dir)),
+            experiment_dir=os.path.abspath(os.path.expanduser(self.experiment_dir)),
+        )
+
+
+def _is_importable_path(relative: Path) -> bool:
+    parts = relative.with_suffix("").parts
+    return bool(parts) and all(part.isidentifier() for part in parts)
+
+
+def resolve_submission(submission: str, framework: str, repo_root: Path) -> str:
+    """The repo-relative ``--submission_path`` for a submission name or file path."""
+    if submission in SUBMISSION_NAMES:
+        relative = Path("submissions", submission, framework, "submission.py")
+        if not (repo_root / relative).is_file():
+            raise UnknownSubmissionError(
+                f"submission {submission!r} for {framework}: {repo_root / relative} does not exist"
+            )
+        return relative.as_posix()
+    candidate = Path(os.path.expanduser(submission))
+    absolute = candidate if candidate.is_absolute() else (repo_root / candidate)
+    if not absolute.is_file() or absolute.suffix != ".py":
+        raise UnknownSubmissionError(
+            f"submission {submission!r} is neither a name ({', '.join(SUBMISSION_NAMES)}) "
+            "nor an existing .py file"
+        )
+    try:
+        relative = absolute.resolve().relative_to(repo_root.resolve())
+    except ValueError as exc:
+        raise UnknownSubmissionError(
+            f"submission {submission!r} lies outside {repo_root}; AlgoPerf imports "
+            "--submission_path as a module relative to the working directory, so put it "
+            "under the repository"
+        ) from exc
+    if not _is_importable_path(relative):
+        raise UnknownSubmissionError(
+            f"submission path {relative.as_posix()!r} is not importable as a Python module "
+            "(every folder and the file name must be identifiers)"
+        )
+    return relative.as_posix()
+
+
+def submission_label(submission: str) -> str:
+    """A short name for a submission: the name itself, or the folder above the framework."""
+    if submission in SUBMISSION_NAMES:
+        return submission
+    path = Path(submission)
+    if path.parent.name in FRAMEWORKS and path.parent.parent.name:
+        return path.parent.parent.name
+    return path.stem
+
+
+def default_search_space(submission: str) -> str:
+    return f"tuning_search_spaces/{submission_label(submission)}.json"
+
+
+def resolve_search_space(
+    settings: RunSettings, repo_root: Path
+) -> tuple[str | None, SearchSpace | None]:
+    """The ``--tuning_search_space`` argument (repo-relative when inside the repo) and its
+    validated contents; ``(None, None)`` for the self-tuning ruleset."""
+    if settings.tuning_ruleset == "self":
+        if settings.tuning_search_space:
+            raise LaunchConfigError(
+                "the self-tuning ruleset takes no --tuning_search_space (AlgoPerf rejects it)"
+            )
+        return None, None
+    given = settings.tuning_search_space
+    if not given:
+        if settings.submission not in SUBMISSION_NAMES:
+            raise LaunchConfigError(
+                f"submission {settings.submission!r} is a path: pass --tuning_search_space"
+            )
+        given = default_search_space(settings.submission)
+    path = Path(os.path.expanduser(given))
+    absolute = path if path.is_absolute() else repo_root / path
+    space = load_search_space(absolute)
+    try:
+        argument = absolute.resolve().relative_to(repo_root.resolve()).as_posix()
+    except ValueError:
+        argument = str(absolute.resolve())
+    return argument, space
+
+
+def dataset_flags(workload: str, framework: str, data_root: str) -> list[str]:
+    """``--data_dir`` and the workload's extra data flags in AlgoPerf's layout."""
+    dataset = DATASET_OF_WORKLOAD[workload]
+    data_dir = f"{data_root.rstrip('/')}/{dataset}"
+    if dataset == "imagenet":
+        data_dir = f"{data_dir}/{framework}"
+        return [f"--data_dir={data_dir}", f"--imagenet_v2_data_dir={data_dir}"]
+    if dataset == "librispeech":
+        return [
+            f"--data_dir={data_dir}",
+            f"--librispeech_tokenizer_vocab_path={data_dir}/spm_model.vocab",
+        ]
+    return [f"--data_dir={data_dir}"]
+
+
+def dataset_dir(workload: str, framework: str, data_root: str) -> str:
+    return dataset_flags(workload, framework, data_root)[0].split("=", 1)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """One workload's command, where to run it, and where its output goes."""
+
+    workload: str
+    framework: str
+    launcher: str
+    argv: tuple[str, ...]
+    cwd: Path
+    log_path: Path
+    workload_dir: Path
+    resume: bool
+    first_trial: int
+    num_trials: int
+
+    def shell(self) -> str:
+        return f"cd {shlex.quote(str(self.cwd))} && {shlex.join(self.argv)}"
+
+
+def submission_runner_flags(
+    workload: str,
+    settings: RunSettings,
+    *,
+    submission_path: str,
+    search_space_arg: str | None,
+    resume: bool,
+    num_trials: int | None = None,
+    hparam_start_index: int | None = None,
+) -> list[str]:
+    """The flags for AlgoPerf's ``submission_runner`` in a fixed order.
+
+    ``num_trials`` is the trial count AlgoPerf will really run (a list-format search
+    space clips ``--num_tuning_trials`` to its length); it defaults to the setting."""
+    flags = [
+        f"--framework={settings.framework}",
+        f"--workload={workload}",
+        f"--submission_path={submission_path}",
+        *dataset_flags(workload, settings.framework, settings.data_dir),
+        f"--experiment_dir={settings.experiment_dir}",
+        f"--experiment_name={settings.experiment_name}",
+        f"--tuning_ruleset={settings.tuning_ruleset}",
+    ]
+    if settings.tuning_ruleset == "external":
+        flags += [
+            f"--tuning_search_space={search_space_arg}",
+            f"--num_tuning_trials={num_trials or settings.num_tuning_trials}",
+        ]
+        if hparam_start_index:
+            flags.append(f"--hparam_start_index={hparam_start_index}")
+    if settings.rng_seed is not None:
+        flags.append(f"--rng_seed={settings.rng_seed}")
+    if settings.max_global_steps is not None:
+        flags.append(f"--max_global_steps={settings.max_global_steps}")
+    flags.append("--resume_last_run" if resume else "--overwrite")
+    return flags
+
+
+def launcher_prefix(settings: RunSettings) -> list[str]:
+    """``python -m submission_runner`` or the torchrun equivalent."""
+    if settings.launcher == "python":
+        return [settings.python, "-m", RUNNER_MODULE]
+    if settings.launcher != "torchrun":
+        raise LaunchConfigError(f"launcher {settings.launcher!r} has no local prefix")
+    nproc = settings.nproc_per_node or DEFAULT_NPROC_PER_NODE
+    if settings.is_multi_node:
+        prefix = [
+            "torchrun",
+            f"--nnodes={settings.nnodes or 1}",
+            f"--nproc_per_node={nproc}",
+            f"--rdzv_backend={settings.rdzv_backend or DEFAULT_RDZV_BACKEND}",
+            f"--rdzv_endpoint={settings.rdzv_endpoint}",
+        ]
+    else:
+        prefix = ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={nproc}"]
+    return [*prefix, "-m", RUNNER_MODULE]
+
+
+def docker_image_for(settings: RunSettings) -> str:
+    return settings.docker_image or f"polyak:{settings.framework}"
+
+
+def docker_build_command(framework: str = "pytorch", image: str | None = None) -> list[str]:
+    """``docker build`` of our image for one framework (run from the repository root)."""
+    if framework not in FRAMEWORKS:
+        raise LaunchConfigError(f"framework={framework!r}; expected one of {FRAMEWORKS}")
+    return [
+        "docker",
+        "build",
+        "-t",
+        image or f"polyak:{framework}",
+        "--build-arg",
+        f"framework={framework}",
+        ".",
+    ]
+
+
+def docker_argv(
+    workload: str,
+    settings: RunSettings,
+    *,
+    submission_arg: str,
+    search_space_arg: str | None,
+    search_space_mount: tuple[str, str] | None = None,
+    num_trials: int | None = None,
+    overwrite: bool = False,
+) -> list[str]:
+    """``docker run`` of our image for one workload; the container runs our runner
+    (which itself resumes or starts fresh; ``overwrite`` forces a fresh start)."""
+    argv = [
+        "docker",
+        "run",
+        "--rm",
+        "--gpus=all",
+        "--ipc=host",
+    ]
+    if settings.is_multi_node:
+        argv.append("--network=host")
+    argv += [
+        "-v",
+        f"{settings.data_dir}:{CONTAINER_DATA_DIR}",
+        "-v",
+        f"{settings.experiment_dir}:{CONTAINER_EXPERIMENT_DIR}",
+    ]
+    if search_space_mount is not None:
+        argv += ["-v", f"{search_space_mount[0]}:{search_space_mount[1]}:ro"]
+    inner_launcher = "torchrun" if settings.framework == "pytorch" else "python"
+    argv += [
+        docker_image_for(settings),
+        f"--workloads={workload}",
+        f"--framework={settings.framework}",
+        f"--submission={submission_arg}",
+        f"--data_dir={CONTAINER_DATA_DIR}",
+        f"--experiment_dir={CONTAINER_EXPERIMENT_DIR}",
+        f"--experiment_name={settings.experiment_name}",
+        f"--tuning_ruleset={settings.tuning_ruleset}",
+    ]
+    if search_space_arg is not None:
+        argv += [
+            f"--tuning_search_space={search_space_arg}",
+            f"--num_tuning_trials={num_trials or settings.num_tuning_trials}",
+        ]
+    if settings.rng_seed is not None:
+        argv.append(f"--rng_seed={settings.rng_seed}")
+    if settings.max_global_steps is not None:
+        argv.append(f"--max_global_steps={settings.max_global_steps}")
+    if overwrite:
+        argv.append("--overwrite")
+    argv.append(f"--launcher={inner_launcher}")
+    if inner_launcher == "torchrun":
+        argv.append(f"--nproc_per_node={settings.nproc_per_node or DEFAULT_NPROC_PER_NODE}")
+        if settings.is_multi_node:
+            argv += [
+                f"--nnodes={settings.nnodes or 1}",
+                f"--rdzv_endpoint={settings.rdzv_endpoint}",
+                f"--rdzv_backend={settings.rdzv_backend or DEFAULT_RDZV_BACKEND}",
+            ]
+    return argv
+
+
+def logs_dir(settings: RunSettings) -> Path:
+    return Path(settings.experiment_dir) / settings.experiment_name / "logs"
+
+
+def workload_output_dir(settings: RunSettings, workload: str) -> Path:
+    """Where AlgoPerf writes ``trial_<k>/`` for this workload."""
+    return (
+        Path(settings.experiment_dir)
+        / settings.experiment_name
+        / f"{workload}_{settings.framework}"
+    )
+
+
+def build_plan(
+    workload: str,
+    settings: RunSettings,
+    repo_root: Path,
+    *,
+    resume: bool,
+    first_trial: int = 1,
+    overwrite: bool = False,
+) -> LaunchPlan:
+    """The launch plan for one workload. ``first_trial`` (1-based) skips finished trials;
+    ``overwrite`` (the user asked to start over) only matters for docker, whose container
+    decides between resuming and starting fresh by itself."""
+    if workload not in ALGOPERF_WORKLOADS:
+        raise RunnerError(
+            f"unknown AlgoPerf workload {workload!r}; choices: {', '.join(ALGOPERF_WORKLOADS)}"
+        )
+    search_space_arg, space = resolve_search_space(settings, repo_root)
+    num_trials = space.num_trials(settings.num_tuning_trials) if space is not None else 1
+    if not 1 <= first_trial <= num_trials:
+        raise RunnerError(f"first_trial={first_trial}; expected 1..{num_trials}")
+    log_name = f"{workload}_{settings.framework}"
+    if settings.launcher == "docker":
+        submission_path = resolve_submission(settings.submission, settings.framework, repo_root)
+        submission_arg = (
+            settings.submission if settings.submission in SUBMISSION_NAMES else submission_path
+        )
+        mount = None
+        container_ss = search_space_arg
+        if search_space_arg is not None and os.path.isabs(search_space_arg):
+            container_ss = f"{CONTAINER_SEARCH_SPACE_DIR}/{Path(search_space_arg).name}"
+            mount = (search_space_arg, container_ss)
+        argv = docker_argv(
+            workload,
+            settings,
+            submission_arg=submission_arg,
+            search_space_arg=container_ss,
+            search_space_mount=mount,
+            num_trials=num_trials,
+            overwrite=overwrite,
+        )
+        log_name += ".docker"
+    else:
+        submission_path = resolve_submission(settings.submission, settings.framework, repo_root)
+        argv = [
+            *launcher_prefix(settings),
+            *submission_runner_flags(
+                workload,
+                settings,
+                submission_path=submission_path,
+                search_space_arg=search_space_arg,
+                resume=resume,
+                num_trials=num_trials,
+                hparam_start_index=first_trial - 1,
+            ),
+        ]
+    return LaunchPlan(
+        workload=workload,
+        framework=settings.framework,
+        launcher=settings.launcher,
+        argv=tuple(argv),
+        cwd=repo_root,
+        log_path=logs_dir(settings) / f"{log_name}.log",
+        workload_dir=workload_output_dir(settings, workload),
+        resume=resume,
+        first_trial=first_trial,
+        num_trials=num_trials,
+    )
+
+
+_DISPLAY_SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./${}-]+$")
+
+
+def display_join(argv: Sequence[str]) -> str:
+    """Like ``shlex.join`` but leaves ``$HOME``-style tokens unquoted, for examples."""
+    return " ".join(arg if _DISPLAY_SAFE.match(arg) else shlex.quote(arg) for arg in argv)
+
+
+EXAMPLE_SETTINGS = RunSettings(
+    framework="pytorch",
+    submission="nadamw",
+    data_dir="$HOME/data",
+    experiment_dir="$HOME/experiment_runs",
+    experiment_name="nadamw_study_1",
+    tuning_search_space="tuning_search_spaces/nadamw.json",
+    num_tuning_trials=5,
+    launcher="docker",
+    nproc_per_node=8,
+    docker_image="polyak:pytorch",
+)
+EXAMPLE_WORKLOAD = "ogbg"
+
+
+def docker_example_argv() -> list[str]:
+    """The canonical ``docker run`` for the README: NadamW, PyTorch, OGBG, 5 trials, 8 GPUs."""
+    settings = EXAMPLE_SETTINGS
+    return docker_argv(
+        EXAMPLE_WORKLOAD,
+        settings,
+        submission_arg=settings.submission,
+        search_space_arg=settings.tuning_search_space,
+    )
+
+
+def docker_example_command() -> str:
+    """The README's docker lines (build, then run), one command per line."""
+    build = display_join(docker_build_command("pytorch", EXAMPLE_SETTINGS.docker_image))
+    return build + "\n" + display_join(docker_example_argv())

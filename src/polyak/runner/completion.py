@@ -1,0 +1,123 @@
+"""What a finished trial is, and the marker file that records it.
+
+A trial is *finished* when ``trial_<k>/polyak_trial_finished.json`` exists. The
+runner writes that marker atomically, and only when it knows the trial's
+training loop returned:
+
+- the AlgoPerf process that ran the trial exited with status 0 (every trial
+  directory it ran gets a marker), or
+- AlgoPerf's own end-of-training row is in ``measurements.csv``: after its
+  loop ends (target reached, budget spent or ``--max_global_steps`` hit),
+  ``submission_runner`` appends one row holding only ``global_step``,
+  ``score`` and ``preemption_count``. That rescues trials 1..k-1 when a later
+  trial k crashes the process.
+- for the embedded suite, ``run_training`` returned without raising.
+
+Anything else (a crash, a kill, a preemption mid-trial) leaves no marker, so a
+resumed run trains that trial again (AlgoPerf continues from its last
+checkpoint under ``--resume_last_run``). A marker is never half-written: it is
+written to a temporary file and renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from polyak.runner.atomic import atomic_write_json
+
+MARKER_NAME = "polyak_trial_finished.json"
+EVAL_CSV = "eval_measurements.csv"
+MEASUREMENTS_CSV = "measurements.csv"
+
+
+def trial_dir(workload_dir: Path, trial: int) -> Path:
+    return Path(workload_dir) / f"trial_{trial}"
+
+
+def read_marker(trial_path: Path) -> dict[str, Any] | None:
+    """The marker's payload, or None when the trial is not finished (or the file is junk)."""
+    marker = Path(trial_path) / MARKER_NAME
+    try:
+        payload = json.loads(marker.read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def is_finished(trial_path: Path) -> bool:
+    return read_marker(trial_path) is not None
+
+
+def mark_finished(trial_path: Path, reason: str, **details: Any) -> None:
+    payload = {
+        "finished": True,
+        "reason": reason,
+        "marked_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **details,
+    }
+    atomic_write_json(Path(trial_path) / MARKER_NAME, payload)
+
+
+def algoperf_training_ended(trial_path: Path) -> bool:
+    """True when measurements.csv ends with AlgoPerf's end-of-training row."""
+    path = Path(trial_path) / MEASUREMENTS_CSV
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (FileNotFoundError, NotADirectoryError, csv.Error, UnicodeDecodeError):
+        return False
+    if not rows:
+        return False
+    last = rows[-1]
+    has_score = _is_number(last.get("score"))
+    eval_fields = ("accumulated_submission_time", "total_duration", "accumulated_eval_time")
+    return has_score and not any(_is_number(last.get(field)) for field in eval_fields)
+
+
+def _is_number(text: str | None) -> bool:
+    if text is None or text == "":
+        return False
+    try:
+        return not math.isnan(float(text))
+    except ValueError:
+        return False
+
+
+def finished_trials(workload_dir: Path, num_trials: int) -> list[int]:
+    """The 1-based indices of finished trials among 1..num_trials."""
+    return [k for k in range(1, num_trials + 1) if is_finished(trial_dir(workload_dir, k))]
+
+
+def first_unfinished(workload_dir: Path, num_trials: int) -> int | None:
+    """The first trial that still has to run, or None when all are finished."""
+    for k in range(1, num_trials + 1):
+        if not is_finished(trial_dir(workload_dir, k)):
+            return k
+    return None
+
+
+def reconcile_after_exit(
+    workload_dir: Path, trials: Iterable[int], exit_code: int, launcher: str
+) -> list[int]:
+    """Marks the trials that a finished process completed; returns the newly marked ones."""
+    marked = []
+    for k in trials:
+        path = trial_dir(workload_dir, k)
+        if not path.is_dir() or is_finished(path):
+            continue
+        if exit_code == 0:
+            mark_finished(path, "process exited 0", exit_code=0, launcher=launcher)
+        elif algoperf_training_ended(path):
+            mark_finished(
+                path, "AlgoPerf end-of-training row", exit_code=exit_code, launcher=launcher
+            )
+        else:
+            continue
+        marked.append(k)
+    return marked

@@ -1,0 +1,545 @@
+"""The report: Markdown and CSV tables, PNG plots, side-by-side comparisons, scores.
+
+Written into one folder (every file atomically):
+
+- ``report.md``: per-workload time to target, the side-by-side comparison per
+  framework (time-to-target ratios against a baseline run and total
+  accelerator-hours to target, a miss charged at the full budget, as in
+  Ajroldi et al.'s GPU-hours table), the AlgoPerf benchmark score of each run
+  against the others, and every trial;
+- ``workloads.csv``, ``trials.csv``, ``comparison.csv``, ``scores.csv``;
+- ``plots/<workload>_<framework>.png``: the validation metric against submission
+  time, one line per trial, the target as a horizontal line;
+- ``plots/performance_profile_<framework>.png`` when there is something to compare.
+
+Accelerator-hours are ``seconds x num_accelerators / 3600``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from polyak.runner.atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from polyak.runner.results import TrialResult, WorkloadResult, aggregate
+from polyak.runner.scoring import PerformanceProfile, benchmark_scores, performance_profiles
+from polyak.runner.workload_table import ALGOPERF_WORKLOADS
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One framework's runs side by side."""
+
+    framework: str
+    labels: tuple[str, ...]
+    baseline: str
+    workloads: tuple[str, ...]
+    results: dict[str, dict[str, WorkloadResult]]
+    accelerator_hours: dict[str, float]
+    num_accelerators: int
+    scores: dict[str, float]
+    profile: PerformanceProfile | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportFiles:
+    markdown: Path
+    tables: dict[str, Path]
+    plots: tuple[Path, ...]
+
+
+def format_seconds(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "-"
+    return "miss" if math.isinf(seconds) else f"{seconds:.1f}"
+
+
+def format_number(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "miss"
+    return f"{value:.6g}"
+
+
+def accelerator_hours(seconds: float, num_accelerators: int) -> float:
+    return seconds * num_accelerators / 3600.0
+
+
+def compare(
+    results: Sequence[WorkloadResult],
+    *,
+    baseline: str | None = None,
+    num_accelerators: int = 1,
+    num_workloads: int | None = None,
+) -> list[Comparison]:
+    """Per framework: the runs' per-workload results, accelerator-hours and scores."""
+    comparisons = []
+    for framework in sorted({r.framework for r in results}):
+        members = [r for r in results if r.framework == framework]
+        labels = tuple(dict.fromkeys(r.label for r in members))
+        workloads = tuple(sorted({r.workload for r in members}))
+        table: dict[str, dict[str, WorkloadResult]] = {label: {} for label in labels}
+        for r in members:
+            table[r.label][r.workload] = r
+        base = baseline if baseline in labels else labels[0]
+        hours = {
+            label: sum(
+                accelerator_hours(r.charged_seconds, num_accelerators)
+                for r in table[label].values()
+            )
+            for label in labels
+        }
+        n = num_workloads
+        if n is None:
+            n = (
+                len(ALGOPERF_WORKLOADS)
+                if set(workloads) <= set(ALGOPERF_WORKLOADS)
+                else len(workloads)
+            )
+        times = {
+            label: {w: table[label][w].time_to_target for w in table[label]} for label in labels
+        }
+        profile = performance_profiles(times, workloads, num_workloads=max(n, len(workloads)))
+        comparisons.append(
+            Comparison(
+                framework=framework,
+                labels=labels,
+                baseline=base,
+                workloads=workloads,
+                results=table,
+                accelerator_hours=hours,
+                num_accelerators=num_accelerators,
+                scores=benchmark_scores(profile),
+                profile=profile,
+            )
+        )
+    return comparisons
+
+
+def _ratio_text(value: float, base: float) -> str:
+    if math.isinf(value) or math.isinf(base) or base <= 0:
+        return ""
+    return f" ({value / base:.2f}x)"
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+WORKLOAD_COLUMNS = (
+    "run",
+    "framework",
+    "workload",
+    "metric",
+    "direction",
+    "target",
+    "hit",
+    "time_to_target_sec",
+    "steps_to_target",
+    "best_metric",
+    "max_runtime_sec",
+    "studies",
+    "trials",
+    "study_times_sec",
+)
+TRIAL_COLUMNS = (
+    "run",
+    "framework",
+    "study",
+    "workload",
+    "trial",
+    "metric",
+    "target",
+    "hit",
+    "time_to_target_sec",
+    "steps_to_target",
+    "best_metric",
+    "over_budget",
+    "final_step",
+    "final_time_sec",
+    "num_evals",
+    "finished",
+    "path",
+)
+
+
+def workload_rows(results: Sequence[WorkloadResult]) -> list[dict[str, Any]]:
+    return [
+        {
+            "run": r.label,
+            "framework": r.framework,
+            "workload": r.workload,
+            "metric": r.metric,
+            "direction": r.direction,
+            "target": r.target,
+            "hit": r.hit,
+            "time_to_target_sec": r.time_to_target,
+            "steps_to_target": r.steps_to_target,
+            "best_metric": r.best_metric,
+            "max_runtime_sec": r.max_runtime_sec,
+            "studies": len(r.study_times),
+            "trials": r.num_trials,
+            "study_times_sec": ";".join(f"{k}={v}" for k, v in r.study_times.items()),
+        }
+        for r in results
+    ]
+
+
+def trial_rows(trials: Sequence[TrialResult]) -> list[dict[str, Any]]:
+    return [
+        {
+            "run": t.label,
+            "framework": t.framework,
+            "study": t.study,
+            "workload": t.workload,
+            "trial": t.trial,
+            "metric": t.metric,
+            "target": t.target,
+            "hit": t.hit,
+            "time_to_target_sec": t.time_to_target,
+            "steps_to_target": t.steps_to_target if t.steps_to_target is not None else "",
+            "best_metric": t.best_metric,
+            "over_budget": t.over_budget,
+            "final_step": t.final_step if t.final_step is not None else "",
+            "final_time_sec": t.final_time,
+            "num_evals": len(t.steps),
+            "finished": t.finished,
+            "path": str(t.path),
+        }
+        for t in sorted(trials, key=lambda t: (t.label, t.framework, t.workload, t.study, t.trial))
+    ]
+
+
+def comparison_rows(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
+    rows = []
+    for c in comparisons:
+        base = c.results[c.baseline]
+        for label in c.labels:
+            for w in c.workloads:
+                r = c.results[label].get(w)
+                base_time = base[w].time_to_target if w in base else math.inf
+                t = r.time_to_target if r is not None else math.inf
+                rows.append(
+                    {
+                        "framework": c.framework,
+                        "run": label,
+                        "baseline": c.baseline,
+                        "workload": w,
+                        "time_to_target_sec": t,
+                        "ratio_to_baseline": (
+                            t / base_time
+                            if math.isfinite(t) and math.isfinite(base_time) and base_time > 0
+                            else ""
+                        ),
+                        "accelerator_hours": (
+                            accelerator_hours(r.charged_seconds, c.num_accelerators)
+                            if r is not None
+                            else ""
+                        ),
+                    }
+                )
+    return rows
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
+    with atomic_open(path, "w") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    return path
+
+
+def _png_bytes(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()
+
+
+def plot_curves(trials: Sequence[TrialResult], plot_dir: Path) -> list[Path]:
+    """One PNG per (workload, framework): metric against submission time, target line."""
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
+
+    groups: dict[tuple[str, str], list[TrialResult]] = {}
+    for trial in trials:
+        groups.setdefault((trial.workload, trial.framework), []).append(trial)
+    written = []
+    for (workload, framework), members in sorted(groups.items()):
+        figure = Figure(figsize=(8, 5), layout="constrained")
+        axes = figure.subplots()
+        labels = {t.label for t in members}
+        studies = {t.study for t in members}
+        for t in sorted(members, key=lambda t: (t.label, t.study, t.trial)):
+            points = [(x, y) for x, y in zip(t.times, t.values) if not math.isnan(y)]
+            if not points:
+                continue
+            name = " ".join(
+                part
+                for part in (
+                    t.label if len(labels) > 1 else "",
+                    t.study if len(studies) > 1 else "",
+                    f"trial {t.trial}",
+                )
+                if part
+            )
+            (line,) = axes.plot([p[0] for p in points], [p[1] for p in points], label=name)
+            if t.hit:
+                axes.plot([t.time_to_target], [t.target], "o", color=line.get_color())
+        first = members[0]
+        arrow = "lower is better" if first.direction == "min" else "higher is better"
+        axes.axhline(first.target, color="black", linestyle="--", label=f"target {first.target:g}")
+        axes.set_xlabel("submission time (s)")
+        axes.set_ylabel(f"validation/{first.metric} ({arrow})")
+        axes.set_title(f"{workload} ({framework})")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize="small")
+        path = plot_dir / f"{workload}_{framework}.png"
+        atomic_write_bytes(path, _png_bytes(figure))
+        written.append(path)
+    return written
+
+
+def plot_profile(comparison: Comparison, plot_dir: Path) -> Path | None:
+    if comparison.profile is None:
+        return None
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.subplots()
+    for label, rho in comparison.profile.rho.items():
+        axes.step(comparison.profile.taus, rho, where="post", label=label)
+    axes.set_xlabel("tau (time to target / best time to target)")
+    axes.set_ylabel("fraction of workloads")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_title(f"performance profile ({comparison.framework})")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    path = plot_dir / f"performance_profile_{comparison.framework}.png"
+    atomic_write_bytes(path, _png_bytes(figure))
+    return path
+
+
+def render_markdown(
+    title: str,
+    results: Sequence[WorkloadResult],
+    trials: Sequence[TrialResult],
+    comparisons: Sequence[Comparison],
+    num_accelerators: int,
+    plots: Sequence[Path],
+    output_dir: Path,
+) -> str:
+    parts = [f"# {title}", ""]
+    parts += [
+        "Time to target follows AlgoPerf's rule: the first eval whose validation metric "
+        "reaches the target (`<=` for minimised metrics, `>=` for maximised ones), in "
+        "accumulated submission time; a hit after the time budget is a miss. Per workload: "
+        "the fastest trial of each study, then the median over studies (misses count as "
+        "infinity).",
+        "",
+        "## Time to target",
+        "",
+        _md_table(
+            [
+                "run",
+                "framework",
+                "workload",
+                "target",
+                "hit",
+                "time to target (s)",
+                "steps to target",
+                "best metric",
+                "studies",
+                "trials",
+            ],
+            [
+                [
+                    r.label,
+                    r.framework,
+                    r.workload,
+                    f"{r.metric} {'<=' if r.direction == 'min' else '>='} {r.target:g}",
+                    "yes" if r.hit else "no",
+                    format_seconds(r.time_to_target),
+                    format_number(r.steps_to_target),
+                    format_number(r.best_metric),
+                    len(r.study_times),
+                    r.num_trials,
+                ]
+                for r in results
+            ],
+        ),
+        "",
+    ]
+    for c in comparisons:
+        parts += [f"## Side by side ({c.framework}), baseline `{c.baseline}`", ""]
+        header = ["workload", *c.labels]
+        rows = []
+        base = c.results[c.baseline]
+        for w in c.workloads:
+            base_time = base[w].time_to_target if w in base else math.inf
+            row = [w]
+            for label in c.labels:
+                r = c.results[label].get(w)
+                if r is None:
+                    row.append("-")
+                    continue
+                row.append(
+                    format_seconds(r.time_to_target)
+                    + ("" if label == c.baseline else _ratio_text(r.time_to_target, base_time))
+                )
+            rows.append(row)
+        base_hours = c.accelerator_hours[c.baseline]
+        rows.append(
+            [f"accelerator-hours to target (x{num_accelerators}, miss = budget)"]
+            + [
+                f"{c.accelerator_hours[label]:.4g}"
+                + (
+                    ""
+                    if label == c.baseline
+                    else _ratio_text(c.accelerator_hours[label], base_hours)
+                )
+                for label in c.labels
+            ]
+        )
+        rows.append(
+            ["AlgoPerf benchmark score (vs these runs)"]
+            + [f"{c.scores[label]:.4f}" for label in c.labels]
+        )
+        parts += [_md_table(header, rows), ""]
+    parts += [
+        "## Trials",
+        "",
+        _md_table(
+            [
+                "run",
+                "framework",
+                "study",
+                "workload",
+                "trial",
+                "hit",
+                "time to target (s)",
+                "steps to target",
+                "best metric",
+                "over budget",
+                "finished",
+            ],
+            [
+                [
+                    row["run"],
+                    row["framework"],
+                    row["study"],
+                    row["workload"],
+                    row["trial"],
+                    "yes" if row["hit"] else "no",
+                    format_seconds(row["time_to_target_sec"]),
+                    row["steps_to_target"] if row["steps_to_target"] != "" else "-",
+                    format_number(row["best_metric"]),
+                    "yes" if row["over_budget"] else "no",
+                    "yes" if row["finished"] else "no",
+                ]
+                for row in trial_rows(trials)
+            ],
+        ),
+        "",
+    ]
+    if plots:
+        parts += ["## Plots", ""]
+        parts += [f"![{p.stem}]({p.relative_to(output_dir).as_posix()})" for p in plots]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def build_report(
+    trials: Sequence[TrialResult],
+    output_dir: str | Path,
+    *,
+    title: str = "polyak results",
+    num_accelerators: int = 1,
+    baseline: str | None = None,
+    num_workloads: int | None = None,
+    plots: bool = True,
+) -> ReportFiles:
+    """Writes the tables, plots and Markdown for these trials into ``output_dir``."""
+    output_dir = Path(output_dir)
+    if num_accelerators < 1:
+        raise ValueError(f"num_accelerators={num_accelerators}; expected an integer >= 1")
+    results = aggregate(trials)
+    comparisons = compare(
+        results, baseline=baseline, num_accelerators=num_accelerators, num_workloads=num_workloads
+    )
+    tables = {
+        "workloads": write_csv(
+            output_dir / "workloads.csv", workload_rows(results), WORKLOAD_COLUMNS
+        ),
+        "trials": write_csv(output_dir / "trials.csv", trial_rows(trials), TRIAL_COLUMNS),
+        "comparison": write_csv(
+            output_dir / "comparison.csv",
+            comparison_rows(comparisons),
+            (
+                "framework",
+                "run",
+                "baseline",
+                "workload",
+                "time_to_target_sec",
+                "ratio_to_baseline",
+                "accelerator_hours",
+            ),
+        ),
+        "scores": write_csv(
+            output_dir / "scores.csv",
+            [
+                {
+                    "framework": c.framework,
+                    "run": label,
+                    "benchmark_score": c.scores[label],
+                    "accelerator_hours": c.accelerator_hours[label],
+                    "num_accelerators": num_accelerators,
+                }
+                for c in comparisons
+                for label in c.labels
+            ],
+            ("framework", "run", "benchmark_score", "accelerator_hours", "num_accelerators"),
+        ),
+    }
+    written: list[Path] = []
+    if plots:
+        plot_dir = output_dir / "plots"
+        written += plot_curves(trials, plot_dir)
+        for c in comparisons:
+            if len(c.labels) > 1 and (path := plot_profile(c, plot_dir)) is not None:
+                written.append(path)
+    markdown = output_dir / "report.md"
+    atomic_write_text(
+        markdown,
+        render_markdown(title, results, trials, comparisons, num_accelerators, written, output_dir),
+    )
+    return ReportFiles(markdown=markdown, tables=tables, plots=tuple(written))
+
+
+def time_to_target_table(results: Sequence[WorkloadResult]) -> str:
+    """A plain-text table for the terminal."""
+    header = ("run", "framework", "workload", "hit", "steps", "seconds", "best metric")
+    rows = [
+        (
+            r.label,
+            r.framework,
+            r.workload,
+            "yes" if r.hit else "no",
+            format_number(r.steps_to_target),
+            format_seconds(r.time_to_target),
+            format_number(r.best_metric),
+        )
+        for r in results
+    ]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,254 @@
+"""Launching: resume skips finished trials, crashes are reported and the rest goes on,
+markers are atomic, progress lines come from AlgoPerf's log format, clear errors.
+
+A fake process runner stands in for AlgoPerf's submission_runner: it writes what
+AlgoPerf writes (trial folders, eval_measurements.csv, the end-of-training row of
+measurements.csv) and prints AlgoPerf-style log lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from polyak.runner import atomic, completion, launch
+from polyak.runner.commands import RunSettings
+from polyak.runner.errors import AlgoPerfMissingError, DataDirError
+from polyak.runner.launch import run_algoperf_suite
+from polyak.runner.progress import ProgressTracker, parse_metrics
+from polyak.runner.workload_table import FALLBACK_TABLE
+
+POINTS = [{"learning_rate": 0.001 * (k + 1)} for k in range(3)]
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    for framework in ("pytorch", "jax"):
+        folder = root / "submissions" / "nadamw" / framework
+        folder.mkdir(parents=True)
+        (folder / "submission.py").write_text("# stub\n")
+    (root / "tuning_search_spaces").mkdir()
+    (root / "tuning_search_spaces" / "nadamw.json").write_text(json.dumps(POINTS))
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> RunSettings:
+    data = tmp_path / "data"
+    for dataset in ("ogbg", "wmt"):
+        (data / dataset).mkdir(parents=True)
+    return RunSettings(
+        framework="jax",
+        data_dir=str(data),
+        experiment_dir=str(tmp_path / "exp"),
+        experiment_name="study_1",
+        num_tuning_trials=3,
+    )
+
+
+@pytest.fixture(autouse=True)
+def algoperf_present(monkeypatch):
+    monkeypatch.setattr(launch, "check_algoperf_installed", lambda: None)
+
+
+def flag_value(argv, name):
+    for arg in argv:
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+class FakeAlgoPerf:
+    """Emulates submission_runner for each plan; ``crash_in`` = {workload: trial}."""
+
+    def __init__(self, crash_in=None):
+        self.crash_in = crash_in or {}
+        self.calls = []
+
+    def __call__(self, plan, on_line):
+        self.calls.append(list(plan.argv))
+        start = int(flag_value(plan.argv, "hparam_start_index") or 0)
+        total = int(flag_value(plan.argv, "num_tuning_trials"))
+        metric = FALLBACK_TABLE[plan.workload].validation_column
+        for index in range(start, total):
+            trial = index + 1
+            folder = plan.workload_dir / f"trial_{trial}"
+            folder.mkdir(parents=True, exist_ok=True)
+            on_line(f"I0101 logging.py:1] --- Tuning run {trial}/{total} ---")
+            (folder / "eval_measurements.csv").write_text(
+                f"accumulated_submission_time,global_step,score,{metric}\n1.5,1,1.5,0.01\n"
+            )
+            on_line(
+                f"I0101 submission_runner.py:2] Time since start: 3.00s, \tStep: 1, "
+                f"\t{{'{metric}': np.float64(0.01), 'accumulated_submission_time': 1.5}}"
+            )
+            if self.crash_in.get(plan.workload) == trial:
+                on_line("Traceback (most recent call last):")
+                on_line("RuntimeError: CUDA out of memory")
+                return 1
+            (folder / "measurements.csv").write_text(
+                "global_step,loss,score,accumulated_submission_time\n"
+                "1,2.3,1.5,1.5\n"
+                "5,,2.0,\n"  # AlgoPerf's end-of-training row
+            )
+        return 0
+
+
+def test_run_resume_and_skip(repo, settings, tmp_path):
+    lines: list[str] = []
+    fake = FakeAlgoPerf(crash_in={"ogbg": 3})
+    outcomes = run_algoperf_suite(
+        "ogbg,wmt", settings, repo_root=repo, runner=fake, out=lines.append
+    )
+    # ogbg crashed in trial 3 and was reported; wmt ran anyway.
+    assert [(o.workload, o.status, o.exit_code) for o in outcomes] == [
+        ("ogbg", "failed", 1),
+        ("wmt", "finished", 0),
+    ]
+    ogbg_dir = tmp_path / "exp" / "study_1" / "ogbg_jax"
+    # Trials 1 and 2 ended (AlgoPerf's end row) -> finished; trial 3 crashed -> not finished.
+    assert completion.finished_trials(ogbg_dir, 3) == [1, 2]
+    assert outcomes[0].trials_marked == (1, 2)
+    assert any("FAILED with exit status 1" in line for line in lines)
+    assert any("CUDA out of memory" in line for line in lines)
+    assert any("ogbg_jax trial 2/3 step 1:" in line for line in lines)
+    # First launch of each workload starts fresh; logs go one file per workload.
+    assert fake.calls[0][-1] == "--overwrite"
+    log = tmp_path / "exp" / "study_1" / "logs" / "ogbg_jax.log"
+    assert "CUDA out of memory" in log.read_text()
+    assert (tmp_path / "exp" / "study_1" / "logs" / "wmt_jax.log").is_file()
+
+    # Resume: wmt is skipped; ogbg resumes at trial 3 only.
+    fake2 = FakeAlgoPerf()
+    outcomes = run_algoperf_suite(
+        "ogbg,wmt", settings, repo_root=repo, runner=fake2, out=lines.append
+    )
+    assert [(o.workload, o.status) for o in outcomes] == [("ogbg", "finished"), ("wmt", "skipped")]
+    (argv,) = fake2.calls
+    assert flag_value(argv, "workload") == "ogbg"
+    assert flag_value(argv, "hparam_start_index") == "2"
+    assert argv[-1] == "--resume_last_run"
+    assert completion.finished_trials(ogbg_dir, 3) == [1, 2, 3]
+
+    # Everything finished: nothing is launched.
+    fake3 = FakeAlgoPerf()
+    outcomes = run_algoperf_suite(
+        "ogbg,wmt", settings, repo_root=repo, runner=fake3, out=lines.append
+    )
+    assert fake3.calls == [] and {o.status for o in outcomes} == {"skipped"}
+
+    # --overwrite starts over from trial 1 with AlgoPerf's --overwrite.
+    fake4 = FakeAlgoPerf()
+    run_algoperf_suite(
+        "wmt", settings, repo_root=repo, runner=fake4, overwrite=True, out=lines.append
+    )
+    assert fake4.calls[0][-1] == "--overwrite"
+    assert flag_value(fake4.calls[0], "hparam_start_index") is None
+
+
+def test_crash_without_end_row_marks_nothing(repo, settings, tmp_path):
+    def crash(plan, on_line):
+        folder = plan.workload_dir / "trial_1"
+        folder.mkdir(parents=True)
+        (folder / "measurements.csv").write_text("global_step,loss,score\n1,2.0,\n")
+        return 137
+
+    outcomes = run_algoperf_suite(
+        "wmt", settings, repo_root=repo, runner=crash, out=lambda line: None
+    )
+    assert outcomes[0].status == "failed"
+    assert completion.finished_trials(tmp_path / "exp" / "study_1" / "wmt_jax", 3) == []
+
+
+def test_missing_launcher_executable_is_reported(repo, settings):
+    def vanished(plan, on_line):
+        raise FileNotFoundError(2, "No such file or directory", plan.argv[0])
+
+    lines: list[str] = []
+    outcomes = run_algoperf_suite(
+        "wmt", settings, repo_root=repo, runner=vanished, out=lines.append
+    )
+    assert outcomes[0].exit_code == 127 and "could not start" in outcomes[0].detail
+
+
+def test_algoperf_missing_prints_install_command(repo, settings, monkeypatch):
+    monkeypatch.undo()  # use the real check
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(AlgoPerfMissingError) as info:
+        run_algoperf_suite("wmt", settings, repo_root=repo, runner=FakeAlgoPerf())
+    message = str(info.value)
+    assert (
+        "pip install 'algoperf @ git+https://github.com/mlcommons/algorithmic-efficiency.git"
+        "@2c90454fc05d5bdf3598b0c7651e611f132a7060'" in message
+    )
+    assert "pip install -e '.[algoperf]'" in message
+
+
+def test_missing_data_directory(repo, settings, tmp_path):
+    fake = FakeAlgoPerf()
+    with pytest.raises(DataDirError, match="criteo1tb"):
+        run_algoperf_suite("criteo1tb,ogbg", settings, repo_root=repo, runner=fake)
+    gone = RunSettings(
+        framework="jax", data_dir=str(tmp_path / "nowhere"), experiment_dir=str(tmp_path / "exp")
+    )
+    with pytest.raises(DataDirError, match="nowhere"):
+        run_algoperf_suite("ogbg", gone, repo_root=repo, runner=fake)
+    assert fake.calls == []
+
+
+def test_interrupted_marker_write_leaves_no_file(tmp_path, monkeypatch):
+    trial = tmp_path / "trial_1"
+    trial.mkdir()
+
+    def explode(payload, handle, **kwargs):
+        handle.write('{"finished": tr')  # half a file, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.json, "dump", explode)
+    with pytest.raises(KeyboardInterrupt):
+        completion.mark_finished(trial, "process exited 0")
+    assert os.listdir(trial) == []  # neither the marker nor a temporary file
+    assert not completion.is_finished(trial)
+    monkeypatch.undo()
+
+    completion.mark_finished(trial, "process exited 0", exit_code=0)
+    before = (trial / completion.MARKER_NAME).read_text()
+    monkeypatch.setattr(atomic.json, "dump", explode)
+    with pytest.raises(KeyboardInterrupt):
+        completion.mark_finished(trial, "again")
+    # The old marker survives intact.
+    assert (trial / completion.MARKER_NAME).read_text() == before
+    assert os.listdir(trial) == [completion.MARKER_NAME]
+
+
+def test_junk_marker_is_not_finished(tmp_path):
+    (tmp_path / completion.MARKER_NAME).write_text("{not json")
+    assert not completion.is_finished(tmp_path)
+
+
+def test_progress_lines_from_algoperf_log():
+    lines: list[str] = []
+    tracker = ProgressTracker("ogbg_jax", FALLBACK_TABLE["ogbg"], lines.append, num_trials=5)
+    tracker.feed("I0905 submission_runner.py:600] --- Tuning run 2/5 ---")
+    eval_line = (
+        "I0905 submission_runner.py:512] Time since start: 812.34s, \tStep: 4000, \t"
+        "{'validation/mean_average_precision': np.float64(0.2815), 'validation/loss': "
+        "0.051, 'score': 790.5, 'accumulated_submission_time': 790.5}"
+    )
+    tracker.feed(eval_line)
+    tracker.feed(eval_line)  # another rank logs the same eval
+    tracker.feed("I0905 submission_runner.py:720] Final ogbg score: 790.5")
+    assert lines == [
+        "  ogbg_jax: trial 2/5 started",
+        "  ogbg_jax trial 2/5 step 4000: validation/mean_average_precision=0.2815 "
+        "(target >= 0.28098) TARGET REACHED submission time 790.5s",
+        "  ogbg_jax: final score (submission time) 790.5",
+    ]
+    assert parse_metrics("{'validation/wer': 0.1, 'test/wer': nan, 'x': 'y'}") == {
+        "validation/wer": 0.1,
+        "test/wer": pytest.approx(float("nan"), nan_ok=True),
+    }
