@@ -1,0 +1,10 @@
+"""The ``diabetes`` workload in JAX: the diabetes data and targets with the flax twin."""
+
+from __future__ import annotations
+
+from polyak.workloads.diabetes import BaseDiabetesWorkload
+from polyak.workloads.jax_common import JaxEmbeddedWorkload
+
+
+class DiabetesWorkload(JaxEmbeddedWorkload, BaseDiabetesWorkload):
+    """AlgoPerf Workload for ``diabetes`` on JAX (model in ``jax_common.MLP``)."""

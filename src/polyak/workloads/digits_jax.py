@@ -1,0 +1,10 @@
+"""The ``digits`` workload in JAX: the digits data and targets with the flax twin."""
+
+from __future__ import annotations
+
+from polyak.workloads.digits import BaseDigitsWorkload
+from polyak.workloads.jax_common import JaxEmbeddedWorkload
+
+
+class DigitsWorkload(JaxEmbeddedWorkload, BaseDigitsWorkload):
+    """AlgoPerf Workload for ``digits`` on JAX (model in ``jax_common.MLP``)."""

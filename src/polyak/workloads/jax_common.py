@@ -1,0 +1,251 @@
+"""The JAX (flax linen) twin of the embedded workloads: model, loss, batches, evaluation.
+
+Everything here is shared by ``digits_jax`` and ``diabetes_jax``; those only
+join this class with their dataset base. The PyTorch twin is
+``torch_common``, with the same names in the same order.
+
+- ``init_model_fn(rng)`` returns ``(params, model_state)`` replicated over all
+  devices (``NamedSharding(Mesh(jax.devices(), ('batch',)), P())``).
+  ``model_state`` is ``{'batch_stats': ...}`` when the model has BatchNorm,
+  else ``None``. Weights are uniform in ±1/√fan_in, biases zero: the same
+  distribution as the torch twin.
+- Input queues yield global batches sharded along the batch axis
+  (``P('batch')``); batch sizes must be divisible by the device count.
+- ``dropout_rate`` may be a traced value (AlgoPerf's baseline passes it into
+  its jitted step), so dropout never branches on it in Python; it needs the
+  ``rng`` passed to ``model_fn`` unless the rate is a literal 0.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from polyak.algoperf import spec
+from polyak.workloads.base import EmbeddedWorkload
+
+BATCH_AXIS = "batch"
+
+
+def _mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), (BATCH_AXIS,))
+
+
+def replicated_sharding() -> NamedSharding:
+    return NamedSharding(_mesh(), P())
+
+
+def batch_sharding() -> NamedSharding:
+    return NamedSharding(_mesh(), P(BATCH_AXIS))
+
+
+def _as_key(rng: spec.RandomState) -> jax.Array:
+    if isinstance(rng, (int, np.integer)):
+        return jax.random.PRNGKey(int(rng))
+    return rng
+
+
+def _dropout(x: jax.Array, rate: Any, rng: jax.Array) -> jax.Array:
+    keep_probability = 1.0 - rate
+    keep = jax.random.bernoulli(rng, keep_probability, x.shape)
+    return jnp.where(keep, x / keep_probability, jnp.zeros_like(x))
+
+
+class MLP(nn.Module):
+    """dense_i → (bn_i) → ReLU → dropout, repeated, then ``output``."""
+
+    hidden_widths: tuple[int, ...]
+    num_outputs: int
+    use_batch_norm: bool
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs: jax.Array,
+        train: bool,
+        dropout_rate: Any = 0.0,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        # Uniform in ±1/√fan_in, torch's default bound for Linear weights.
+        kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        x = inputs
+        for index, width in enumerate(self.hidden_widths, start=1):
+            x = nn.Dense(width, kernel_init=kernel_init, name=f"dense{index}")(x)
+            if self.use_batch_norm:
+                x = nn.BatchNorm(
+                    use_running_average=not train,
+                    momentum=0.9,
+                    epsilon=1e-5,
+                    name=f"bn{index}",
+                )(x)
+            x = nn.relu(x)
+            if train and dropout_rng is not None:
+                x = _dropout(x, dropout_rate, jax.random.fold_in(dropout_rng, index))
+        return nn.Dense(self.num_outputs, kernel_init=kernel_init, name="output")(x)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _init_variables(model: MLP, rng: jax.Array, dummy: jax.Array) -> Any:
+    # One compiled program (cached across workload instances: equal modules
+    # hash equal) instead of dozens of op-by-op compilations.
+    return model.init({"params": rng}, dummy, train=False)
+
+
+def parameter_type(module_name: str, leaf_name: str) -> spec.ParameterType:
+    """AlgoPerf's type for one of our parameters (``bn*`` modules are BatchNorm)."""
+    if module_name.startswith("bn"):
+        return (
+            spec.ParameterType.BATCH_NORM_SCALE
+            if leaf_name == "scale"
+            else spec.ParameterType.BATCH_NORM_BIAS
+        )
+    return spec.ParameterType.WEIGHT if leaf_name == "kernel" else spec.ParameterType.BIAS
+
+
+def _is_literal_zero(rate: Any) -> bool:
+    return isinstance(rate, (int, float, np.number)) and float(rate) == 0.0
+
+
+class JaxEmbeddedWorkload(EmbeddedWorkload):
+    framework = "jax"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._model = MLP(self.hidden_widths, self.num_outputs, self.use_batch_norm)
+        self._jitted_eval_sums: Any = None
+
+    # ---- model ----------------------------------------------------------------
+
+    def init_model_fn(self, rng: spec.RandomState) -> spec.ModelInitState:
+        """Replicated ``(params, model_state)`` from a jax key (or an int seed)."""
+        dummy = jnp.zeros((1, self.num_features), jnp.float32)
+        variables = dict(_init_variables(self._model, _as_key(rng), dummy))
+        params = variables.pop("params")
+        model_state = {"batch_stats": variables["batch_stats"]} if self.use_batch_norm else None
+        self._param_shapes = jax.tree.map(lambda x: spec.ShapeTuple(tuple(x.shape)), params)
+        self._param_types = {
+            module: {leaf: parameter_type(module, leaf) for leaf in leaves}
+            for module, leaves in params.items()
+        }
+        replicated = replicated_sharding()
+        return jax.device_put(params, replicated), jax.device_put(model_state, replicated)
+
+    def is_output_params(self, param_key: spec.ParameterKey) -> bool:
+        return param_key == "output"
+
+    def model_fn(
+        self,
+        params: spec.ParameterContainer,
+        augmented_and_preprocessed_input_batch: dict[str, spec.Tensor],
+        model_state: spec.ModelAuxiliaryState,
+        mode: spec.ForwardPassMode,
+        rng: spec.RandomState,
+        update_batch_norm: bool,
+        dropout_rate: float = 0.0,
+    ) -> tuple[spec.Tensor, spec.ModelAuxiliaryState]:
+        train = mode == spec.ForwardPassMode.TRAIN
+        if not train and update_batch_norm:
+            raise ValueError("update_batch_norm=True is not allowed in EVAL mode")
+        use_dropout = train and not _is_literal_zero(dropout_rate)
+        if use_dropout and rng is None:
+            raise ValueError("model_fn needs an rng for dropout_rate != 0 in TRAIN mode")
+        variables = {"params": params, **(model_state or {})}
+        inputs = augmented_and_preprocessed_input_batch["inputs"]
+        call_args = {
+            "train": train,
+            "dropout_rate": dropout_rate,
+            "dropout_rng": _as_key(rng) if use_dropout else None,
+        }
+        if train and self.use_batch_norm:
+            logits, updates = self._model.apply(
+                variables, inputs, mutable=["batch_stats"], **call_args
+            )
+            if update_batch_norm:
+                return logits, {"batch_stats": updates["batch_stats"]}
+            return logits, model_state
+        return self._model.apply(variables, inputs, **call_args), model_state
+
+    # ---- loss and metrics -------------------------------------------------------
+
+    def loss_fn(
+        self,
+        label_batch: spec.Tensor,
+        logits_batch: spec.Tensor,
+        mask_batch: spec.Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ) -> dict[str, spec.Tensor]:
+        """Per-example losses, their (masked) sum and the number of valid examples.
+
+        Softmax cross-entropy smooths labels as ``(1-α)·onehot + α/K``; mean
+        squared error sums over outputs and ignores ``label_smoothing``.
+        """
+        if self.loss_type == spec.LossType.SOFTMAX_CROSS_ENTROPY:
+            num_classes = logits_batch.shape[-1]
+            one_hot = jax.nn.one_hot(label_batch, num_classes, dtype=logits_batch.dtype)
+            smoothed = one_hot * (1.0 - label_smoothing) + label_smoothing / num_classes
+            per_example = -jnp.sum(smoothed * jax.nn.log_softmax(logits_batch), axis=-1)
+        else:
+            targets = jnp.reshape(label_batch, logits_batch.shape).astype(logits_batch.dtype)
+            per_example = jnp.sum((logits_batch - targets) ** 2, axis=-1)
+        if mask_batch is not None:
+            mask = mask_batch.astype(per_example.dtype)
+            per_example = per_example * mask
+            n_valid = jnp.sum(mask)
+        else:
+            n_valid = jnp.asarray(per_example.shape[0], dtype=per_example.dtype)
+        return {
+            "summed": jnp.sum(per_example),
+            "n_valid_examples": n_valid,
+            "per_example": per_example,
+        }
+
+    def _summed_metrics(
+        self, logits: jax.Array, targets: jax.Array, weights: jax.Array
+    ) -> dict[str, jax.Array]:
+        summed_loss = self.loss_fn(targets, logits, weights)["summed"]
+        if self.loss_type == spec.LossType.SOFTMAX_CROSS_ENTROPY:
+            correct = (jnp.argmax(logits, axis=-1) == targets).astype(weights.dtype)
+            return {"accuracy": jnp.sum(correct * weights), "loss": summed_loss}
+        return {"mse": summed_loss, "loss": summed_loss}
+
+    def _eval_batch_sums(
+        self, params: Any, batch: dict[str, Any], model_state: Any
+    ) -> dict[str, float]:
+        if self._jitted_eval_sums is None:
+
+            def summed_eval_metrics(
+                params: Any, model_state: Any, batch: dict[str, Any]
+            ) -> dict[str, jax.Array]:
+                logits, _ = self.model_fn(
+                    params,
+                    batch,
+                    model_state,
+                    spec.ForwardPassMode.EVAL,
+                    None,
+                    update_batch_norm=False,
+                )
+                return self._summed_metrics(logits, batch["targets"], batch["weights"])
+
+            self._jitted_eval_sums = jax.jit(
+                summed_eval_metrics, out_shardings=replicated_sharding()
+            )
+        sums = self._jitted_eval_sums(params, model_state, batch)
+        return {name: float(value) for name, value in jax.device_get(sums).items()}
+
+    # ---- batches ------------------------------------------------------------
+
+    def _to_framework_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        size = batch["inputs"].shape[0]
+        num_devices = jax.device_count()
+        if size % num_devices:
+            raise ValueError(
+                f"global batch size {size} is not divisible by the {num_devices} JAX devices"
+            )
+        return jax.device_put(dict(batch), batch_sharding())

@@ -1,0 +1,139 @@
+"""The PyTorch side of the local loop: rng keys, clocks, checkpoints.
+
+The loop itself (``loop.py``) is framework-free; it asks a backend for these
+few things. This one never imports jax: rng keys are AlgoPerf-style numpy
+``int32[2]`` keys from :mod:`polyak.workloads.prng`.
+
+Checkpoints follow AlgoPerf's ``checkpoint_utils``: the module's
+``state_dict()`` (unwrapped from DDP / ``torch.compile``), and
+``state_dict()`` of every value of ``optimizer_state`` (values without one are
+skipped with a warning, as AlgoPerf does). Restoring calls
+``load_state_dict`` on the values of a freshly initialized optimizer state.
+The global torch RNG state is saved too, so a resumed run is bit-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from polyak.workloads import prng
+from polyak.workloads.torch_common import distributed_rank_and_world, unwrap_module
+
+
+class TorchLoopBackend:
+    framework = "pytorch"
+
+    def set_cpu_threads(self, num_threads: int | None) -> int:
+        """Sets intra-op threads (if given); returns the previous count for restoring."""
+        previous = torch.get_num_threads()
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        return previous
+
+    # ---- rng ------------------------------------------------------------------
+
+    def prng_key(self, seed: int) -> np.ndarray:
+        return prng.prng_key(seed)
+
+    def split(self, key: Any, num: int) -> list[np.ndarray]:
+        return list(prng.split(key, num))
+
+    def fold_in(self, key: Any, data: int) -> np.ndarray:
+        return prng.fold_in(key, data)
+
+    # ---- devices and clocks -------------------------------------------------------
+
+    def num_data_shards(self) -> int:
+        return distributed_rank_and_world()[1]
+
+    def is_primary(self) -> bool:
+        return distributed_rank_and_world()[0] == 0
+
+    def now(self) -> float:
+        """Wall time, after pending GPU work; the max over ranks under DDP."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if distributed_rank_and_world()[1] > 1:
+            # Every rank must take the same budget and eval decisions.
+            tensor = torch.tensor([now], dtype=torch.float64)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            now = float(tensor.item())
+        return now
+
+    def block(self, tree: Any) -> None:
+        del tree  # torch runs eagerly on CPU; now() synchronizes CUDA.
+
+    # ---- global rng state -------------------------------------------------------
+
+    def seed_global_rng(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def capture_rng_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def restore_rng_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    # ---- checkpoints -------------------------------------------------------------
+
+    def save_checkpoint(
+        self,
+        path: str,
+        optimizer_state: Any,
+        model_params: Any,
+        model_state: Any,
+        extra: dict[str, Any],
+    ) -> None:
+        optimizer_state_dicts = {}
+        for key, value in optimizer_state.items():
+            if hasattr(value, "state_dict"):
+                optimizer_state_dicts[key] = value.state_dict()
+            else:
+                warnings.warn(
+                    f"optimizer_state[{key!r}] of type {type(value).__name__} has no "
+                    "state_dict(); it is not checkpointed (as in AlgoPerf)",
+                    stacklevel=2,
+                )
+        payload = {
+            "model_params": unwrap_module(model_params).state_dict(),
+            "optimizer_state": optimizer_state_dicts,
+            "model_state": model_state,
+            **extra,
+        }
+        directory = os.path.dirname(path) or "."
+        handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".checkpoint.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(payload, file)
+            os.replace(temp_path, path)
+        except BaseException:
+            if os.path.exists(temp_path):
+                os.unlink(temp_path)
+            raise
+
+    def load_checkpoint(
+        self, path: str, optimizer_state: Any, model_params: Any, model_state: Any
+    ) -> tuple[Any, Any, Any, dict[str, Any]]:
+        del model_state
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        unwrap_module(model_params).load_state_dict(payload.pop("model_params"))
+        saved_optimizer_state = payload.pop("optimizer_state")
+        for key, value in optimizer_state.items():
+            if key in saved_optimizer_state:
+                value.load_state_dict(saved_optimizer_state[key])
+        restored_model_state = payload.pop("model_state")
+        return optimizer_state, model_params, restored_model_state, payload
