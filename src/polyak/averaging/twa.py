@@ -1,0 +1,695 @@
+"""Trainable Weight Averaging (TWA-t) of a torch module's checkpoints.
+
+TWA (Li et al., "Trainable Weight Averaging", ICLR 2023) learns the averaging
+coefficients instead of fixing them. The checkpoints θ₁..θ_K span an affine
+subspace through their mean θ̄; TWA trains only inside it:
+
+    θ(α) = θ̄ + Σ_b P_bᵀ α_b
+
+where the rows of P_b are an orthonormal basis of the centered checkpoints
+(θ_i − θ̄) restricted to block b (one block for the whole model, or one per
+parameter tensor / group of tensors in the layer-wise variant). Learning α is
+the same as training θ with projected gradients g ← Pᵀ(P g): SGD on α with
+an orthonormal P takes exactly those steps.
+
+How it is built and fitted:
+
+- θ̄ is the fp32 mean of the snapshots, as LAWA computes it; α = 0 at the
+  start, so before any fitting the result is uniform LAWA (to fp32 rounding).
+- The basis comes from θ_i − θ̄ for i < K (the K-th is their negated sum, so
+  it adds no direction) by classical Gram–Schmidt applied twice per vector,
+  which keeps fp32 rows orthonormal to rounding. A vector keeping less than
+  :data:`DEPENDENCE_TOLERANCE` of its norm after the projections spans
+  nothing new (duplicate checkpoints) and is dropped.
+- Memory: θ̄ plus K − 1 basis rows, K × D fp32 numbers for D weights.
+  Under ``torch.distributed`` with more than one rank, every rank holds the
+  same 1/world slice of θ̄ and of every basis row (the slicing of the
+  sharded LAWA placement: the flattened parameters padded to a multiple of
+  the world size). Inner products are local partial sums all-reduced in
+  coefficient space, the coefficient gradient P g is one all-reduce of a
+  (K − 1) × blocks matrix, and the weights are all-gathered after each
+  update. The result equals the single-process one to rounding, provided the
+  gradients are identical on every rank (a DDP-wrapped module, or a loss that
+  is all-reduced).
+- The coefficients are fitted with Adam, its learning rate decayed to zero by
+  a cosine over ``steps`` steps. They are measured in units of the
+  checkpoints' spread (the RMS distance of a checkpoint from θ̄ in the
+  block), so ``lr`` does not depend on the scale of the weights or the loss:
+  ``lr = 0.1`` moves each coefficient by up to about 10% of that spread per step.
+- Only training data is used (TWA-t). The steps cycle through the given
+  batches; afterwards the mean loss over those batches at the fitted weights
+  is compared with the one at θ̄, and **if the fit ended worse (or not
+  finite), the uniform average θ̄ is returned instead**. So on the batches
+  it was fitted on, TWA is never worse than LAWA over the same checkpoints.
+- Buffers are saved before the fit and restored after it, so a loss that
+  updates BatchNorm statistics leaves no trace. Then, if the module has
+  BatchNorm layers (and ``recompute_batch_norm``), their statistics are
+  recomputed for the result: reset, then forward passes in train mode over
+  the batches without gradients, with ``momentum=None`` so the running
+  statistics are the cumulative average over the batches (all-reduced over
+  ranks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from polyak.averaging.config import AveragingError
+from polyak.hyperparameters import lookup
+
+DEFAULT_STEPS = 50
+DEFAULT_BATCHES = 8
+DEFAULT_LR = 0.1
+# A centered checkpoint that keeps less than this fraction of its norm after
+# the earlier directions are projected out adds only rounding noise (exact
+# duplicates leave ~1e-6 in fp32); directions that small do not matter for
+# the average either.
+DEPENDENCE_TOLERANCE = 1e-3
+
+_ADAM_BETAS = (0.9, 0.999)
+
+
+class TWAError(AveragingError):
+    """A TWA hyperparameter or input is out of range or does not fit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TWAConfig:
+    """Validated TWA settings. Build it with :meth:`from_hyperparameters`.
+
+    - ``steps`` (``twa_steps``): optimizer steps on the coefficients; 0 gives
+      uniform LAWA.
+    - ``batches`` (``twa_batches``): how many recent training batches the fit
+      cycles through (kept by the averager; :func:`fit_twa` uses those it is given).
+    - ``lr`` (``twa_lr``): Adam's peak learning rate, in units of the
+      checkpoints' spread, decayed to 0 by a cosine.
+    - ``layerwise`` (``twa_layerwise``): ``False``/``0`` learns one coefficient
+      vector for the whole model; ``True``/``1`` one per parameter tensor; an
+      integer n > 1 one per group of n consecutive tensors (2 = a layer's
+      weight and bias).
+    - ``recompute_batch_norm`` (``twa_recompute_bn``): recompute BatchNorm
+      statistics for the result.
+    """
+
+    steps: int = DEFAULT_STEPS
+    batches: int = DEFAULT_BATCHES
+    lr: float = DEFAULT_LR
+    layerwise: bool | int = False
+    recompute_batch_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.steps) or self.steps < 0:
+            raise TWAError(
+                f"twa_steps={self.steps!r} must be an integer >= 0 "
+                "(optimizer steps on the averaging coefficients)"
+            )
+        if not _is_int(self.batches) or self.batches < 1:
+            raise TWAError(
+                f"twa_batches={self.batches!r} must be an integer >= 1 "
+                "(training batches the coefficients are fitted on)"
+            )
+        if (
+            isinstance(self.lr, bool)
+            or not isinstance(self.lr, (int, float))
+            or not math.isfinite(self.lr)
+            or self.lr <= 0
+        ):
+            raise TWAError(f"twa_lr={self.lr!r} must be a finite number > 0")
+        layerwise = self.layerwise
+        if not (isinstance(layerwise, bool) or (_is_int(layerwise) and layerwise >= 0)):
+            raise TWAError(
+                f"twa_layerwise={self.layerwise!r} must be a bool or an integer >= 0 "
+                "(tensors per coefficient block; 0 or False: one block for the model)"
+            )
+        if not isinstance(self.recompute_batch_norm, bool):
+            raise TWAError(f"twa_recompute_bn={self.recompute_batch_norm!r} must be a bool")
+        object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "batches", int(self.batches))
+        object.__setattr__(self, "lr", float(self.lr))
+        object.__setattr__(
+            self, "layerwise", layerwise if isinstance(layerwise, bool) else int(layerwise)
+        )
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: Any) -> TWAConfig:
+        """Reads the ``twa_*`` names (missing or None: the defaults above)."""
+        return cls(
+            steps=lookup(hyperparameters, "twa_steps", DEFAULT_STEPS),
+            batches=lookup(hyperparameters, "twa_batches", DEFAULT_BATCHES),
+            lr=lookup(hyperparameters, "twa_lr", DEFAULT_LR),
+            layerwise=lookup(hyperparameters, "twa_layerwise", False),
+            recompute_batch_norm=lookup(hyperparameters, "twa_recompute_bn", True),
+        )
+
+    @property
+    def tensors_per_block(self) -> int:
+        """0 for one block over the whole model, else tensors per block."""
+        return int(self.layerwise)
+
+
+def _is_int(value: Any) -> bool:
+    # JSON search spaces give floats such as 20.0; bools are not counts.
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def blocks_for(num_tensors: int, config: TWAConfig) -> list[list[int]]:
+    """The coefficient blocks, as lists of tensor indices, that ``config`` asks for."""
+    per_block = config.tensors_per_block
+    if per_block == 0 or num_tensors == 0:
+        return [list(range(num_tensors))]
+    return [
+        list(range(start, min(start + per_block, num_tensors)))
+        for start in range(0, num_tensors, per_block)
+    ]
+
+
+# -- distributed helpers ---------------------------------------------------------
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _all_gather_flat(full: torch.Tensor, local: torch.Tensor) -> None:
+    # all_gather_single replaces all_gather_into_tensor in recent torch;
+    # AlgoPerf pins a torch that has only the latter.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(full, local)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        inner = getattr(module, "module", None)
+        if isinstance(inner, nn.Module):
+            module = inner
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+# -- the flattened, sliced coordinates ---------------------------------------------
+
+
+class FlatLayout:
+    """Where each tensor lies in the flattened weights, and this rank's slice of them.
+
+    The tensors are concatenated in order and padded to a multiple of the
+    world size; rank r owns ``[r·shard, (r+1)·shard)``, as the sharded
+    averaging placement slices them.
+    """
+
+    def __init__(self, shapes: Sequence[torch.Size], rank: int = 0, world: int = 1) -> None:
+        if world < 1 or not 0 <= rank < world:
+            raise TWAError(f"rank {rank} of world {world} is not a valid placement")
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.rank, self.world = rank, world
+        self.sizes = [s.numel() for s in self.shapes]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.num_elements = sum(self.sizes)
+        self.shard = max(1, -(-self.num_elements // world))
+        self.begin = rank * self.shard
+        self.end = min(self.begin + self.shard, self.num_elements)
+        # (tensor index, first element, end element, offset in the shard)
+        self.pieces: list[tuple[int, int, int, int]] = []
+        for index, (offset, size) in enumerate(zip(self.offsets, self.sizes)):
+            first, last = max(self.begin, offset), min(self.end, offset + size)
+            if first < last:
+                self.pieces.append((index, first - offset, last - offset, first - self.begin))
+
+    def local(self, tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+        """This rank's slice of the flattened tensors, fp32, zero-padded (None reads as 0)."""
+        out = torch.zeros(self.shard, dtype=torch.float32, device=device)
+        for index, first, last, at in self.pieces:
+            tensor = tensors[index]
+            if tensor is not None:
+                out[at : at + last - first].copy_(tensor.detach().reshape(-1)[first:last])
+        return out
+
+    def segments(self, tensor_indices: Sequence[int]) -> list[tuple[int, int]]:
+        """Local column ranges ``[start, end)`` of the given tensors, adjacent ones merged."""
+        wanted = set(tensor_indices)
+        ranges: list[tuple[int, int]] = []
+        for index, first, last, at in self.pieces:
+            if index not in wanted:
+                continue
+            start, end = at, at + last - first
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((start, end))
+        return ranges
+
+    @torch.no_grad()
+    def scatter_into(self, local: torch.Tensor, targets: Sequence[torch.Tensor]) -> None:
+        """Writes the whole flattened vector (gathered from every rank's slice) into ``targets``."""
+        if self.world > 1:
+            full = torch.empty(self.shard * self.world, dtype=local.dtype, device=local.device)
+            _all_gather_flat(full, local.contiguous())
+        else:
+            full = local
+        for target, offset, size in zip(targets, self.offsets, self.sizes):
+            target.copy_(full[offset : offset + size].view(target.shape))
+
+
+# -- the subspace -------------------------------------------------------------------
+
+
+class TWASubspace:
+    """θ̄ and an orthonormal basis per block of the centered checkpoints (this rank's slice).
+
+    ``basis`` is (K − 1) × shard: for block b, row i restricted to the block's
+    columns is the i-th basis vector of that block, or zero if the i-th
+    centered checkpoint added no direction there (``kept[i, b]`` False).
+    ``transform[b]`` maps centered checkpoints to basis rows (P_b = T_b C_b),
+    which turns coefficients back into weights over the checkpoints.
+    """
+
+    def __init__(
+        self,
+        layout: FlatLayout,
+        local_snapshots: Sequence[torch.Tensor],
+        blocks: Sequence[Sequence[int]],
+    ) -> None:
+        # ``local_snapshots`` may convert each item on access (see _LocalSnapshots):
+        # they are read one at a time, so only θ̄ and the rows stay in memory.
+        if len(local_snapshots) < 1:
+            raise TWAError("TWA needs at least one checkpoint")
+        self.layout = layout
+        self.num_checkpoints = len(local_snapshots)
+        self.blocks = [list(block) for block in blocks]
+        self.segments = [layout.segments(block) for block in self.blocks]
+        first = local_snapshots[0]
+        device = first.device
+        world = layout.world
+        num_rows = self.num_checkpoints - 1
+        num_blocks = len(self.blocks)
+
+        self.mean = first.float().clone()
+        for k in range(1, self.num_checkpoints):
+            self.mean.add_(local_snapshots[k].float())
+        self.mean.div_(self.num_checkpoints)
+
+        self.basis = torch.empty(num_rows, layout.shard, dtype=torch.float32, device=device)
+        for k in range(num_rows):
+            torch.sub(local_snapshots[k].float(), self.mean, out=self.basis[k])
+        # Squared norms of all K centered checkpoints per block, for the spread
+        # and the dependence test, in one reduction.
+        last = local_snapshots[num_rows].float() - self.mean
+        squares = torch.cat([self._block_squares(self.basis), self._block_squares(last[None])])
+        squares = _all_reduce_sum(squares, world)
+        del last
+        self.spread = torch.sqrt(squares.sum(dim=0) / self.num_checkpoints)
+
+        self.kept = torch.zeros(num_rows, num_blocks, dtype=torch.bool)
+        self.transform = torch.zeros(num_blocks, num_rows, num_rows, dtype=torch.float64)
+        for i in range(num_rows):
+            self._orthonormalize_row(i, squares[i])
+
+    # -- per-block linear algebra on the local columns --------------------------------
+
+    def _block_dots(self, rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """``rows @ vector`` per block: (len(rows), blocks), this rank's partial sums."""
+        out = torch.zeros(rows.shape[0], len(self.blocks), dtype=torch.float32, device=rows.device)
+        for b, segments in enumerate(self.segments):
+            for start, end in segments:
+                out[:, b] += rows[:, start:end] @ vector[start:end]
+        return out
+
+    def _block_squares(self, rows: torch.Tensor) -> torch.Tensor:
+        """Squared norms per row and block: (len(rows), blocks), partial sums."""
+        out = torch.zeros(rows.shape[0], len(self.blocks), dtype=torch.float32, device=rows.device)
+        for b, segments in enumerate(self.segments):
+            for start, end in segments:
+                # A reduction, not rows.square(): no temporary of the rows' size.
+                out[:, b] += torch.linalg.vector_norm(rows[:, start:end], dim=1).square()
+        return out
+
+    def _add_combination(
+        self, vector: torch.Tensor, rows: torch.Tensor, coefficients: torch.Tensor
+    ) -> None:
+        """``vector += rowsᵀ coefficients[:, b]`` on each block's columns."""
+        for b, segments in enumerate(self.segments):
+            for start, end in segments:
+                vector[start:end].addmv_(rows[:, start:end].T, coefficients[:, b])
+
+    def _scale_blocks(self, vector: torch.Tensor, scale: torch.Tensor) -> None:
+        for b, segments in enumerate(self.segments):
+            for start, end in segments:
+                vector[start:end].mul_(scale[b])
+
+    def _orthonormalize_row(self, i: int, original_squares: torch.Tensor) -> None:
+        world = self.layout.world
+        vector = self.basis[i]
+        previous = self.basis[:i]
+        transform_row = torch.zeros(len(self.blocks), self.basis.shape[0], dtype=torch.float64)
+        transform_row[:, i] = 1.0
+        if i > 0:
+            # Classical Gram–Schmidt twice: one reduction per pass, and fp32
+            # rows orthonormal to rounding ("twice is enough").
+            for _ in range(2):
+                projections = _all_reduce_sum(self._block_dots(previous, vector), world)
+                self._add_combination(vector, previous, -projections)
+                transform_row -= torch.einsum(
+                    "ib,bij->bj", projections.double().cpu(), self.transform[:, :i, :]
+                )
+        squares = _all_reduce_sum(self._block_squares(vector[None])[0], world)
+        keep = (squares > (DEPENDENCE_TOLERANCE**2) * original_squares) & (squares > 0)
+        scale = torch.where(keep, squares.rsqrt(), torch.zeros_like(squares))
+        self._scale_blocks(vector, scale)
+        self.kept[i] = keep.cpu()
+        self.transform[:, i, :] = transform_row * scale.double().cpu()[:, None]
+
+    # -- coefficients ---------------------------------------------------------------
+
+    @property
+    def num_rows(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def num_directions(self) -> list[int]:
+        """How many basis vectors each block has."""
+        return [int(n) for n in self.kept.sum(dim=0)]
+
+    def weights(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """θ̄ + Σ_b P_bᵀ α_b on this rank's slice, α of shape (K − 1, blocks)."""
+        out = self.mean.clone()
+        if self.num_rows:
+            self._add_combination(out, self.basis, coefficients.to(out.device))
+        return out
+
+    def coefficient_gradient(self, local_gradient: torch.Tensor) -> torch.Tensor:
+        """P_b g_b for every block, reduced over ranks: (K − 1, blocks)."""
+        return _all_reduce_sum(self._block_dots(self.basis, local_gradient), self.layout.world)
+
+    def checkpoint_weights(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Per block, the weights w (summing to 1) with θ_b = Σ_i w_i θ_i,b: (blocks, K)."""
+        num = self.num_checkpoints
+        weights = torch.full((len(self.blocks), num), 1.0 / num, dtype=torch.float64)
+        if self.num_rows == 0:
+            return weights
+        # θ = θ̄ + Σ_i u_i (θ_i − θ̄) over i < K, with u_b = T_bᵀ α_b.
+        u = torch.einsum("bij,ib->bj", self.transform, coefficients.double().cpu())
+        weights[:, : self.num_rows] += u
+        weights -= u.sum(dim=1, keepdim=True) / num
+        return weights
+
+
+# -- fitting ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TWAResult:
+    """What a fit did. The module holds the chosen weights.
+
+    ``chosen`` is ``"twa"`` or ``"uniform"`` (the fit did not beat θ̄ on its
+    batches, or there was nothing to fit). Losses are means over the batches
+    (``None`` when no fit ran). ``coefficients`` is α (orthonormal-basis
+    units, (K − 1) × blocks); ``checkpoint_weights`` the equivalent weights
+    over the K checkpoints per block, each row summing to 1.
+    """
+
+    chosen: str
+    uniform_loss: float | None
+    fitted_loss: float | None
+    step_losses: tuple[float, ...]
+    coefficients: torch.Tensor
+    checkpoint_weights: torch.Tensor
+    num_directions: tuple[int, ...]
+    batch_norm_recomputed: bool
+
+
+LossFn = Callable[..., torch.Tensor]
+
+
+def build_subspace(
+    snapshots: Sequence[Sequence[torch.Tensor]],
+    shapes: Sequence[torch.Size],
+    config: TWAConfig,
+    *,
+    blocks: Sequence[Sequence[int]] | None = None,
+    device: torch.device | None = None,
+) -> TWASubspace:
+    """The subspace of K full snapshots (lists of tensors in ``module.parameters()`` order).
+
+    Under ``torch.distributed`` (world > 1) each rank keeps only its slice.
+    """
+    if not snapshots:
+        raise TWAError("TWA needs at least one checkpoint; got an empty list")
+    rank, world = _rank_and_world()
+    layout = FlatLayout(shapes, rank, world)
+    for k, snapshot in enumerate(snapshots):
+        if len(snapshot) != len(layout.shapes):
+            raise TWAError(
+                f"checkpoint {k} holds {len(snapshot)} tensors, the module has "
+                f"{len(layout.shapes)} parameters"
+            )
+        for index, (tensor, shape) in enumerate(zip(snapshot, layout.shapes)):
+            if tensor.shape != shape:
+                raise TWAError(
+                    f"checkpoint {k}, tensor {index}: shape {tuple(tensor.shape)} does not fit "
+                    f"the parameter's {tuple(shape)}"
+                )
+    device = device or (snapshots[0][0].device if snapshots[0] else torch.device("cpu"))
+    local = _LocalSnapshots(snapshots, layout, device)
+    return TWASubspace(layout, local, _checked_blocks(blocks, len(shapes), config))
+
+
+class _LocalSnapshots(Sequence[torch.Tensor]):
+    """This rank's fp32 slice of each full snapshot, made when it is read."""
+
+    def __init__(
+        self, snapshots: Sequence[Sequence[torch.Tensor]], layout: FlatLayout, device: torch.device
+    ) -> None:
+        self._snapshots, self._layout, self._device = snapshots, layout, device
+
+    def __len__(self) -> int:
+        return len(self._snapshots)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._layout.local(self._snapshots[index], self._device)
+
+
+def subspace_from_shards(
+    shards: Sequence[torch.Tensor],
+    shapes: Sequence[torch.Size],
+    config: TWAConfig,
+    *,
+    blocks: Sequence[Sequence[int]] | None = None,
+) -> TWASubspace:
+    """The subspace from this rank's flat slices of K snapshots, as a sharded window keeps them."""
+    if not shards:
+        raise TWAError("TWA needs at least one checkpoint; got no shards")
+    rank, world = _rank_and_world()
+    layout = FlatLayout(shapes, rank, world)
+    for k, shard in enumerate(shards):
+        if shard.ndim != 1 or shard.shape[0] < layout.shard:
+            raise TWAError(
+                f"shard {k} of shape {tuple(shard.shape)} is not a flat slice of "
+                f"{layout.shard} elements"
+            )
+    local = [shard[: layout.shard] for shard in shards]
+    return TWASubspace(layout, local, _checked_blocks(blocks, len(shapes), config))
+
+
+def _checked_blocks(
+    blocks: Sequence[Sequence[int]] | None, num_tensors: int, config: TWAConfig
+) -> list[list[int]]:
+    if blocks is None:
+        return blocks_for(num_tensors, config)
+    seen = sorted(index for block in blocks for index in block)
+    if seen != list(range(num_tensors)) or any(len(block) == 0 for block in blocks):
+        raise TWAError(
+            f"blocks {[list(b) for b in blocks]} must split the tensor indices "
+            f"0..{num_tensors - 1} into non-empty groups, each index once"
+        )
+    return [list(block) for block in blocks]
+
+
+def fit_twa(
+    module: nn.Module,
+    snapshots: Sequence[Sequence[torch.Tensor]] | TWASubspace,
+    config: TWAConfig,
+    loss_fn: LossFn,
+    batches: Sequence[Any] | None = None,
+    *,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    blocks: Sequence[Sequence[int]] | None = None,
+) -> TWAResult:
+    """Fits the averaging coefficients and loads the resulting weights into ``module``.
+
+    ``loss_fn(module, batch)`` (or ``loss_fn(module)`` when ``batches`` is
+    None) returns a scalar training loss to differentiate; it should not
+    depend on randomness (no dropout) so that the comparison with θ̄ is fair.
+    ``forward_fn(module, batch)`` runs a train-mode forward pass that updates
+    BatchNorm statistics (default: ``loss_fn``); it receives the unwrapped
+    module, so DDP does not broadcast rank 0's statistics in between.
+    ``snapshots`` are K lists of tensors in ``module.parameters()`` order, or
+    a :class:`TWASubspace` built from them. Under DDP pass the wrapped module
+    and call this on every rank.
+    """
+    parameters = list(module.parameters())
+    shapes = [p.shape for p in parameters]
+    if isinstance(snapshots, TWASubspace):
+        subspace = snapshots
+        if subspace.layout.shapes != [torch.Size(s) for s in shapes]:
+            raise TWAError(
+                "the subspace was built for parameters of other shapes than the module's"
+            )
+    else:
+        device = parameters[0].device if parameters else None
+        subspace = build_subspace(snapshots, shapes, config, blocks=blocks, device=device)
+    if batches is not None and len(batches) == 0:
+        raise TWAError("fit_twa got an empty list of batches; pass at least one or None")
+    calls: list[Callable[[nn.Module], Any]] = (
+        [loss_fn] if batches is None else [_bind(loss_fn, batch) for batch in batches]
+    )
+    layout = subspace.layout
+    world = layout.world
+    num_blocks = len(subspace.blocks)
+    coefficients = torch.zeros(subspace.num_rows, num_blocks, dtype=torch.float32)
+
+    buffers = list(module.buffers())
+    saved_buffers = [b.detach().clone() for b in buffers]
+    was_training = module.training
+    # TWA-t trains: train-mode forward passes (BatchNorm on batch statistics).
+    module.train()
+
+    def load(alpha: torch.Tensor) -> None:
+        layout.scatter_into(subspace.weights(alpha), parameters)
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            total = torch.zeros((), dtype=torch.float64)
+            for call in calls:
+                total += call(module).detach().double().cpu()
+            total /= len(calls)
+            if world > 1:
+                # Every rank must make the same choice.
+                dist.all_reduce(total)
+                total /= world
+        return float(total)
+
+    step_losses: list[torch.Tensor] = []
+    uniform_loss = fitted_loss = None
+    chosen = "uniform"
+    fit = config.steps > 0 and sum(subspace.num_directions) > 0
+    if fit:
+        load(coefficients)
+        uniform_loss = mean_loss()
+        # Coefficients in units of each block's spread: α_b = spread_b · β_b.
+        spread = subspace.spread.cpu().float()
+        scale = torch.where(spread > 0, spread, torch.ones_like(spread))
+        beta = torch.zeros_like(coefficients, requires_grad=True)
+        optimizer = torch.optim.Adam([beta], lr=config.lr, betas=_ADAM_BETAS)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / config.steps))
+        )
+        for step in range(config.steps):
+            load(beta.detach() * scale)
+            for p in parameters:
+                p.grad = None
+            loss = calls[step % len(calls)](module)
+            loss.backward()
+            step_losses.append(loss.detach().float())  # read back once, after the fit
+            gradient = layout.local([p.grad for p in parameters], subspace.mean.device)
+            beta.grad = subspace.coefficient_gradient(gradient).cpu() * scale
+            optimizer.step()
+            schedule.step()
+        for p in parameters:
+            p.grad = None
+        candidate = beta.detach() * scale
+        load(candidate)
+        fitted_loss = mean_loss()
+        if math.isfinite(fitted_loss) and fitted_loss <= uniform_loss:
+            chosen, coefficients = "twa", candidate
+        else:
+            load(coefficients)
+    else:
+        load(coefficients)
+
+    with torch.no_grad():
+        for buffer, saved in zip(buffers, saved_buffers):
+            buffer.copy_(saved)
+    recomputed = False
+    if config.recompute_batch_norm:
+        forward = forward_fn or loss_fn
+        forwards = [forward] if batches is None else [_bind(forward, b) for b in batches]
+        recomputed = recompute_batch_norm(module, forwards, world)
+    module.train(was_training)
+    return TWAResult(
+        chosen=chosen,
+        uniform_loss=uniform_loss,
+        fitted_loss=fitted_loss,
+        step_losses=tuple(torch.stack(step_losses).cpu().tolist()) if step_losses else (),
+        coefficients=coefficients.clone(),
+        checkpoint_weights=subspace.checkpoint_weights(coefficients),
+        num_directions=tuple(subspace.num_directions),
+        batch_norm_recomputed=recomputed,
+    )
+
+
+def _bind(function: Callable[..., Any], batch: Any) -> Callable[[nn.Module], Any]:
+    return lambda module: function(module, batch)
+
+
+@torch.no_grad()
+def recompute_batch_norm(
+    module: nn.Module, forwards: Sequence[Callable[[nn.Module], Any]], world: int | None = None
+) -> bool:
+    """Resets BatchNorm statistics and re-estimates them over ``forwards``.
+
+    Each forward runs in train mode on the unwrapped module; ``momentum=None``
+    makes the running statistics the plain average over the passes. Under
+    DDP the per-rank statistics are averaged over ranks. Returns whether the
+    module has BatchNorm layers that track statistics.
+    """
+    inner = unwrap(module)
+    layers = [
+        m
+        for m in inner.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not layers or not forwards:
+        return False
+    momenta = [m.momentum for m in layers]
+    was_training = inner.training
+    try:
+        for layer in layers:
+            layer.reset_running_stats()
+            layer.momentum = None
+        inner.train()
+        for forward in forwards:
+            forward(inner)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        inner.train(was_training)
+    world = _rank_and_world()[1] if world is None else world
+    if world > 1:
+        for layer in layers:
+            for statistic in (layer.running_mean, layer.running_var):
+                if statistic is not None:
+                    dist.all_reduce(statistic)
+                    statistic.div_(world)
+    return True
