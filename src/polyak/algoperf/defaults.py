@@ -4,7 +4,8 @@ External tuning passes a search-space point: names it lacks take the
 optimizer's defaults, and a missing ``averaging`` means no averaging, so the
 plain baseline search space runs the plain baseline. Self-tuning passes
 ``None``: then every name takes its documented default, and averaging is on
-(LAWA with the paper's horizon, ν·L ≈ 1% of step_hint).
+(LAWA with the paper's horizon, ν·L ≈ 1% of step_hint), kept in host
+memory when an accelerator is present (see :func:`self_tuning_placement`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ from typing import Any
 from polyak.hyperparameters import as_dict
 
 SELF_TUNING_AVERAGING: Mapping[str, Any] = {"averaging": "lawa"}
+
+
+def self_tuning_placement(accelerator_present: bool) -> dict[str, Any]:
+    """Where self-tuning keeps the averaging state.
+
+    With an accelerator, in host memory: the window then costs no
+    accelerator memory, and the copies and folds overlap training. Without
+    one, host and device are the same memory, so the simpler placement wins.
+    """
+    return {"averaging_placement": "host"} if accelerator_present else {}
 
 
 def resolve_hyperparameters(

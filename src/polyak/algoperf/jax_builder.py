@@ -16,12 +16,21 @@ params from the slot, and puts the tree it was handed into the slot in
 exchange, so the pytree keeps its structure and nothing is copied. The flag
 lives in the pytree (so it survives checkpoints), and its last value is
 remembered on the host, so ordinary steps never wait on the device.
+
+Placement. ``"device"`` (and ``"sharded"``, which JAX treats as ``"device"``)
+keeps the averaging state replicated beside the params and folds a collection
+into the train step. ``"host"`` keeps it on the CPU device: after the train
+step, the new params are copied there with an asynchronous ``device_put`` and
+folded by a jitted CPU program, so accelerator memory holds no window and the
+step path never waits. The averaging state is then left out of the
+accelerator programs' inputs, but the pytree keeps the same structure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -29,14 +38,14 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from polyak.algoperf import spec
 from polyak.algoperf.batch_sizes import get_batch_size
-from polyak.algoperf.defaults import resolve_hyperparameters
-from polyak.averaging import jax_backend
-from polyak.averaging.config import AveragingConfig
+from polyak.algoperf.defaults import resolve_hyperparameters, self_tuning_placement
+from polyak.averaging import jax_backend, monitoring
+from polyak.averaging.config import AveragingConfig, AveragingError
 
 OptimizerFactory = Callable[[Any, int], optax.GradientTransformation]
 PyTree = Any
@@ -99,6 +108,29 @@ class TrainPrograms:
             donate_argnums=(0, 1, 2),
         )
         self._last_flag: tuple[Any, bool] | None = None
+        self.replicated = replicated
+        self.timings = monitoring.Timings()
+        self.num_skipped_logged = 0
+        self.on_host = averaging.enabled and averaging.placement == "host"
+        if averaging.enabled and averaging.placement == "sharded":
+            logging.info(
+                "averaging_placement='sharded' is implemented for PyTorch DDP; "
+                "JAX keeps the averaging state replicated, as 'device' does"
+            )
+        if self.on_host:
+            self.host = SingleDeviceSharding(_cpu_device())
+            self._collect_on_host = jax.jit(
+                functools.partial(jax_backend.collect, averaging),
+                in_shardings=(self.host, self.host),
+                out_shardings=self.host,
+                donate_argnums=(0,),
+            )
+            self.swap_in_host_average = jax.jit(
+                functools.partial(_swap_in_average, averaging),
+                in_shardings=(replicated, replicated, replicated, replicated),
+                out_shardings=(replicated, replicated, replicated),
+                donate_argnums=(0, 1, 2),
+            )
 
     def __call__(self, updates: PyTree, state: PyTree, params: PyTree | None = None) -> Any:
         return self.tx.update(updates, state, params)
@@ -113,6 +145,51 @@ class TrainPrograms:
         value = bool(jax.device_get(flag))
         self._last_flag = (flag, value)
         return value
+
+    # -- host placement: the averaging state on the CPU device --------------
+
+    def _to_host(self, averaging_state: jax_backend.AveragingState) -> Any:
+        # A restored checkpoint hands back arrays elsewhere; move them once.
+        leaf = averaging_state.num_collected
+        if getattr(leaf, "sharding", None) != self.host:
+            averaging_state = jax.device_put(averaging_state, self.host)
+        return averaging_state
+
+    def collect_on_host(self, averaging_state: Any, tracked: PyTree) -> Any:
+        """Folds ``tracked`` into the host state; dispatches and returns at once."""
+        snapshot = _copy_to(tracked, self.host)
+        return self._collect_on_host(self._to_host(averaging_state), snapshot)
+
+    def upload_accumulator(self, averaging_state: Any) -> jax_backend.AveragingState:
+        """The sum (or EMA) and counters on their way to the accelerators, without
+        the window. The swap divides there, in the same program as the device
+        placement: XLA's division is not correctly rounded, and its result
+        depends on how the program around it is compiled."""
+        summary = self._to_host(averaging_state)._replace(window=())
+        return jax.device_put(summary, self.replicated)
+
+
+def _cpu_device() -> jax.Device:
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError as error:
+        raise AveragingError(
+            "averaging_placement='host' needs JAX's CPU backend; include 'cpu' in "
+            "JAX_PLATFORMS (for example JAX_PLATFORMS=cuda,cpu)"
+        ) from error
+
+
+def _copy_to(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
+    """An asynchronous copy that never aliases ``tree``, whose buffers get donated."""
+    try:
+        return jax.device_put(tree, sharding, may_alias=False)
+    except TypeError:  # jax without may_alias: copy on the source first
+        return jax.device_put(jax.tree.map(jnp.copy, tree), sharding)
+
+
+def _without_averaging(state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Splits the host-placed averaging state from what the accelerator programs take."""
+    return state["averaging"], {k: v for k, v in state.items() if k != "averaging"}
 
 
 def _tracked(averaging: AveragingConfig, params: PyTree, model_state: PyTree) -> PyTree:
@@ -164,27 +241,26 @@ def _train_step(
         grads = jax.tree.map(lambda g: g * scale, grads)
     updates, opt_state = tx.update(grads, state["optimizer"], params)
     new_params = optax.apply_updates(params, updates)
-    averaging_state = state["averaging"]
+    new_state = {**state, "optimizer": opt_state, "swapped": jnp.zeros([], jnp.bool_)}
     if collect:
-        averaging_state = jax_backend.collect(
-            averaging, averaging_state, _tracked(averaging, new_params, new_model_state)
+        new_state["averaging"] = jax_backend.collect(
+            averaging, state["averaging"], _tracked(averaging, new_params, new_model_state)
         )
-    new_state = {
-        **state,
-        "optimizer": opt_state,
-        "averaging": averaging_state,
-        "swapped": jnp.zeros([], jnp.bool_),
-    }
     return new_state, new_params, new_model_state, loss, grad_norm
 
 
 def _swap_in_average(
-    averaging: AveragingConfig, state: dict[str, Any], params: PyTree, model_state: PyTree
+    averaging: AveragingConfig,
+    state: dict[str, Any],
+    params: PyTree,
+    model_state: PyTree,
+    averaging_state: jax_backend.AveragingState | None = None,
 ) -> tuple[dict[str, Any], PyTree, PyTree]:
+    """Loads the average; ``averaging_state`` overrides the state's own (host placement)."""
+    if averaging_state is None:
+        averaging_state = state["averaging"]
     tracked = _tracked(averaging, params, model_state)
-    averaged_params, averaged_model_state = jax_backend.average(
-        averaging, state["averaging"], tracked
-    )
+    averaged_params, averaged_model_state = jax_backend.average(averaging, averaging_state, tracked)
     if averaging.buffers != "average":
         # The live statistics are evaluated with the average (the paper's
         # choice); the returned tree must not alias the donated input.
@@ -201,7 +277,11 @@ def build_submission(
     """Turns an optax optimizer factory into AlgoPerf's five submission functions."""
 
     def hyperparameters_of(hyperparameters: Any) -> Any:
-        return resolve_hyperparameters(hyperparameters, optimizer_defaults, self_tuning_extra)
+        # Self-tuning keeps the window off the accelerator when there is one
+        # (asked here, not at import, so that importing initializes no backend).
+        accelerated = hyperparameters is None and jax.default_backend() != "cpu"
+        self_tuning = {**self_tuning_placement(accelerated), **(self_tuning_extra or {})}
+        return resolve_hyperparameters(hyperparameters, optimizer_defaults, self_tuning)
 
     def init_optimizer_state(
         workload: spec.Workload,
@@ -225,15 +305,17 @@ def build_submission(
         # Fresh arrays throughout: AlgoPerf donates the params it hands us.
         shapes = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), model_params)
         tracked = _tracked(averaging, shapes, model_state)
+        averaging_home = programs.host if programs.on_host else programs.replicated
+        jax_backend.check_fits(averaging, tracked, next(iter(averaging_home.device_set)))
         state = {
             "optimizer": tx.init(shapes),
-            "averaging": jax_backend.init(averaging, tracked),
             # The slot for the live weights while the average is out for eval.
             "live": jax.tree.map(jnp.zeros_like, tracked) if averaging.enabled else ((), ()),
             "swapped": jnp.zeros([], jnp.bool_),
         }
-        replicated = NamedSharding(Mesh(jax.devices(), ("batch",)), P())
-        return jax.device_put(state, replicated), programs
+        state = jax.device_put(state, programs.replicated)
+        state["averaging"] = jax.device_put(jax_backend.init(averaging, tracked), averaging_home)
+        return state, programs
 
     def update_params(
         workload: spec.Workload,
@@ -253,6 +335,7 @@ def build_submission(
         state, programs = optimizer_state
         params = current_param_container
         if programs.averaging.enabled and programs.is_swapped(state["swapped"]):
+            start = time.perf_counter()
             # Train the live weights; the evaluated tree takes their slot.
             live_params, live_model_state = state["live"]
             if programs.averaging.buffers == "average":
@@ -261,12 +344,28 @@ def build_submission(
             else:
                 state = {**state, "live": (params, ())}
             params = live_params
+            programs.timings.record("restore", time.perf_counter() - start)
         collect = programs.averaging.should_collect(global_step + 1)
-        step = programs.train_step_and_collect if collect else programs.train_step
-        state, params, model_state, loss, grad_norm = step(model_state, state, params, batch, rng)
+        if programs.on_host:
+            averaging_state, state = _without_averaging(state)
+            state, params, model_state, loss, grad_norm = programs.train_step(
+                model_state, state, params, batch, rng
+            )
+            if collect:
+                start = time.perf_counter()
+                averaging_state = programs.collect_on_host(
+                    averaging_state, _tracked(programs.averaging, params, model_state)
+                )
+                programs.timings.record("collect", time.perf_counter() - start)
+            state = {**state, "averaging": averaging_state}
+        else:
+            step = programs.train_step_and_collect if collect else programs.train_step
+            state, params, model_state, loss, grad_norm = step(
+                model_state, state, params, batch, rng
+            )
         programs.remember_swapped(state["swapped"], False)
         if _should_log(global_step):
-            _log_training_metrics(workload, loss, grad_norm, state, global_step)
+            _log_training_metrics(workload, loss, grad_norm, state, global_step, programs)
         return (state, programs), params, model_state
 
     def prepare_for_eval(
@@ -286,9 +385,21 @@ def build_submission(
         state, programs = optimizer_state
         if not programs.averaging.enabled or programs.is_swapped(state["swapped"]):
             return optimizer_state, current_param_container, model_state
-        state, params, model_state = programs.swap_in_average(
-            state, current_param_container, model_state
-        )
+        start = time.perf_counter()
+        if programs.on_host:
+            averaging_state, state = _without_averaging(state)
+            state, params, model_state = programs.swap_in_host_average(
+                state,
+                current_param_container,
+                model_state,
+                programs.upload_accumulator(averaging_state),
+            )
+            state = {**state, "averaging": averaging_state}
+        else:
+            state, params, model_state = programs.swap_in_average(
+                state, current_param_container, model_state
+            )
+        programs.timings.record("swap", time.perf_counter() - start)
         programs.remember_swapped(state["swapped"], True)
         return (state, programs), params, model_state
 
@@ -321,14 +432,20 @@ def _log_training_metrics(
     grad_norm: jax.Array,
     state: dict[str, Any],
     global_step: int,
+    programs: TrainPrograms,
 ) -> None:
     averaging_state = state["averaging"]
-    metrics = {
-        "loss": float(loss),
-        "grad_norm": float(grad_norm),
-        "averaging/num_collected": int(averaging_state.num_collected),
-        "averaging/num_skipped_nonfinite": int(averaging_state.num_skipped_nonfinite),
-    }
+    metrics: dict[str, float] = {"loss": float(loss), "grad_norm": float(grad_norm)}
+    counters = (averaging_state.num_collected, averaging_state.num_skipped_nonfinite)
+    # A host fold still in flight is not waited for; the next log reports it.
+    if all(getattr(c, "is_ready", lambda: True)() for c in counters):
+        num_collected, num_skipped = (int(c) for c in counters)
+        metrics["averaging/num_collected"] = num_collected
+        metrics["averaging/num_skipped_nonfinite"] = num_skipped
+        if num_skipped > programs.num_skipped_logged:
+            monitoring.warn_nonfinite(num_skipped)
+            programs.num_skipped_logged = num_skipped
+    metrics.update(programs.timings.drain_ms())
     logger = getattr(workload, "metrics_logger", None)
     if logger is not None:
         logger.append_scalar_metrics(metrics, global_step)

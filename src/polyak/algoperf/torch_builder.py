@@ -22,7 +22,7 @@ from absl import logging
 
 from polyak.algoperf import spec
 from polyak.algoperf.batch_sizes import get_batch_size
-from polyak.algoperf.defaults import resolve_hyperparameters
+from polyak.algoperf.defaults import resolve_hyperparameters, self_tuning_placement
 from polyak.averaging.config import AveragingConfig
 from polyak.averaging.torch_backend import TorchAverager
 
@@ -61,7 +61,10 @@ def build_submission(
     """Turns an optimizer factory into AlgoPerf's five submission functions."""
 
     def hyperparameters_of(hyperparameters: Any) -> Any:
-        return resolve_hyperparameters(hyperparameters, optimizer_defaults, self_tuning_extra)
+        # Self-tuning keeps the window off the accelerator when there is one.
+        accelerated = hyperparameters is None and torch.cuda.is_available()
+        self_tuning = {**self_tuning_placement(accelerated), **(self_tuning_extra or {})}
+        return resolve_hyperparameters(hyperparameters, optimizer_defaults, self_tuning)
 
     def init_optimizer_state(
         workload: spec.Workload,
@@ -136,6 +139,8 @@ def build_submission(
         grad_clip = getattr(hp, "grad_clip", None)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=grad_clip)
+        # A host-placed snapshot may still be copying the weights (CUDA only).
+        averager.before_optimizer_step()
         optimizer.step()
         optimizer_state["scheduler"].step()
         averager.collect(global_step + 1)
@@ -197,8 +202,8 @@ def _log_training_metrics(
     metrics = {
         "loss": float(loss),
         "grad_norm": float(grad_norm),
-        "averaging/num_collected": averager.num_collected,
-        "averaging/num_skipped_nonfinite": averager.num_skipped_nonfinite,
+        # Counters and collect/swap/restore timings; never waits for a host fold.
+        **averager.metrics(),
     }
     logger = getattr(workload, "metrics_logger", None)
     if logger is not None:

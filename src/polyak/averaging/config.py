@@ -9,7 +9,10 @@ Hyperparameter names (the public interface, shared by both frameworks):
 - ``averaging_start_frac``: fraction of ``step_hint`` before the first collection.
 - ``averaging_buffers``: ``"live"`` keeps the live BatchNorm statistics in the
   averaged model (the paper's behaviour), ``"average"`` averages float buffers.
-- ``averaging_placement``: ``"device"`` | ``"host"`` | ``"sharded"``.
+- ``averaging_placement``: where the state lives. ``"device"`` beside the
+  weights (fastest swap); ``"host"`` in CPU memory, copied and folded off the
+  step path; ``"sharded"`` split over the DDP ranks (PyTorch; JAX treats it as
+  ``"device"``). All give the same averages.
 
 Collection rule. Steps are counted from 1: ``step = global_step + 1`` after the
 optimizer step of AlgoPerf's ``update_params(global_step=...)``. A collection
