@@ -30,7 +30,9 @@ import polyak
 
 OPTIMIZERS: tuple[str, ...] = ("nadamw", "shampoo")
 FRAMEWORKS: tuple[str, ...] = ("pytorch", "jax")
-AVERAGING_MODES: tuple[str, ...] = ("none", "lawa", "ema")
+AVERAGING_MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
+# Trainable weight averaging exists only in the PyTorch averager.
+PYTORCH_ONLY_AVERAGING: tuple[str, ...] = ("twa",)
 RULESETS: tuple[str, ...] = ("external", "self")
 
 VENDORED_PACKAGE = "polyak_vendored"
@@ -67,6 +69,11 @@ class ExportRequest:
         ):
             if value not in choices:
                 raise ExportError(f"--{field}={value!r} is unknown; expected one of {choices}")
+        if self.averaging in PYTORCH_ONLY_AVERAGING and self.framework != "pytorch":
+            raise ExportError(
+                f"--averaging={self.averaging!r} is implemented for PyTorch only; "
+                f"use --framework=pytorch, not {self.framework!r}"
+            )
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name):
             raise ExportError(
                 f"--name={self.name!r} must be a folder name of letters, digits, '_', '-' or '.'"

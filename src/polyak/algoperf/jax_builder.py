@@ -293,6 +293,11 @@ def build_submission(
         del rng
         hp = hyperparameters_of(hyperparameters)
         averaging = AveragingConfig.from_hyperparameters(hp, workload.step_hint)
+        if averaging.mode == "twa":
+            raise AveragingError(
+                "averaging='twa' (trainable weight averaging) is implemented for PyTorch only; "
+                "use the PyTorch submission, or averaging='lawa' / 'ema' with JAX"
+            )
         tx = make_optimizer(hp, workload.step_hint)
         programs = TrainPrograms(
             workload,

@@ -24,7 +24,7 @@ from polyak.algoperf import spec
 from polyak.algoperf.batch_sizes import get_batch_size
 from polyak.algoperf.defaults import resolve_hyperparameters, self_tuning_placement
 from polyak.averaging.config import AveragingConfig
-from polyak.averaging.torch_backend import TorchAverager
+from polyak.averaging.torch_backend import TorchAverager, TWAFitContext
 
 OptimizerFactory = Callable[
     [Iterable[torch.Tensor], Any, int],
@@ -109,31 +109,16 @@ def build_submission(
 
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        logits, new_model_state = workload.model_fn(
-            params=model,
-            augmented_and_preprocessed_input_batch=batch,
-            model_state=model_state,
-            mode=spec.ForwardPassMode.TRAIN,
-            rng=rng,
+        loss, new_model_state = _training_loss(
+            workload,
+            model,
+            model_state,
+            batch,
+            rng,
             update_batch_norm=True,
             dropout_rate=hp.dropout_rate,
-        )
-        loss_dict = workload.loss_fn(
-            label_batch=batch["targets"],
-            logits_batch=logits,
-            mask_batch=batch.get("weights"),
             label_smoothing=getattr(hp, "label_smoothing", 0.0),
         )
-        summed_loss = loss_dict["summed"]
-        n_valid = loss_dict["n_valid_examples"]
-        if _use_ddp():
-            # The autograd-aware all_reduce scales gradients by the global
-            # number of examples, as AlgoPerf's baseline does.
-            import torch.distributed.nn as dist_nn
-
-            summed_loss = dist_nn.all_reduce(summed_loss)
-            n_valid = dist_nn.all_reduce(n_valid)
-        loss = summed_loss / n_valid
         loss.backward()
 
         grad_clip = getattr(hp, "grad_clip", None)
@@ -144,6 +129,7 @@ def build_submission(
         optimizer.step()
         optimizer_state["scheduler"].step()
         averager.collect(global_step + 1)
+        averager.remember_batch(batch)  # TWA fits on recent batches; others ignore it
 
         if _should_log(global_step):
             _log_training_metrics(workload, model, loss, averager, global_step)
@@ -161,9 +147,16 @@ def build_submission(
         global_step: int,
         rng: Any,
     ) -> tuple[dict[str, Any], torch.nn.Module, Any]:
-        del workload, current_params_types, hyperparameters, loss_type
-        del eval_results, global_step, rng
-        optimizer_state["averager"].swap_in_average()
+        del current_params_types, loss_type, eval_results, global_step
+        averager: TorchAverager = optimizer_state["averager"]
+        fit_context = None
+        if averager.config.mode == "twa":
+            hp = hyperparameters_of(hyperparameters)
+            fit_context = _twa_fit_context(
+                workload, model_state, rng, getattr(hp, "label_smoothing", 0.0)
+            )
+        # TWA fits here, inside prepare_for_eval: its time is submission time.
+        averager.swap_in_average(fit_context=fit_context)
         return optimizer_state, current_param_container, model_state
 
     def data_selection(
@@ -187,6 +180,78 @@ def build_submission(
         get_batch_size=get_batch_size,
         data_selection=data_selection,
     )
+
+
+def _training_loss(
+    workload: spec.Workload,
+    model: torch.nn.Module,
+    model_state: Any,
+    batch: dict[str, Any],
+    rng: Any,
+    *,
+    update_batch_norm: bool,
+    dropout_rate: float,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, Any]:
+    """The training loss as AlgoPerf's baseline computes it: summed / n_valid."""
+    logits, new_model_state = workload.model_fn(
+        params=model,
+        augmented_and_preprocessed_input_batch=batch,
+        model_state=model_state,
+        mode=spec.ForwardPassMode.TRAIN,
+        rng=rng,
+        update_batch_norm=update_batch_norm,
+        dropout_rate=dropout_rate,
+    )
+    loss_dict = workload.loss_fn(
+        label_batch=batch["targets"],
+        logits_batch=logits,
+        mask_batch=batch.get("weights"),
+        label_smoothing=label_smoothing,
+    )
+    summed_loss = loss_dict["summed"]
+    n_valid = loss_dict["n_valid_examples"]
+    if _use_ddp():
+        # The autograd-aware all_reduce scales gradients by the global
+        # number of examples, as AlgoPerf's baseline does.
+        import torch.distributed.nn as dist_nn
+
+        summed_loss = dist_nn.all_reduce(summed_loss)
+        n_valid = dist_nn.all_reduce(n_valid)
+    return summed_loss / n_valid, new_model_state
+
+
+def _twa_fit_context(
+    workload: spec.Workload, model_state: Any, rng: Any, label_smoothing: float
+) -> TWAFitContext:
+    """The training loss for TWA's fit (no dropout, BatchNorm frozen) and a
+    forward pass that updates BatchNorm statistics for their recomputation."""
+
+    def loss_fn(module: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        loss, _ = _training_loss(
+            workload,
+            module,
+            model_state,
+            batch,
+            rng,
+            update_batch_norm=False,
+            dropout_rate=0.0,
+            label_smoothing=label_smoothing,
+        )
+        return loss
+
+    def forward_fn(module: torch.nn.Module, batch: dict[str, Any]) -> Any:
+        return workload.model_fn(
+            params=module,
+            augmented_and_preprocessed_input_batch=batch,
+            model_state=model_state,
+            mode=spec.ForwardPassMode.TRAIN,
+            rng=rng,
+            update_batch_norm=True,
+            dropout_rate=0.0,
+        )
+
+    return TWAFitContext(loss_fn=loss_fn, forward_fn=forward_fn)
 
 
 @torch.no_grad()

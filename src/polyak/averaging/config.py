@@ -2,7 +2,10 @@
 
 Hyperparameter names (the public interface, shared by both frameworks):
 
-- ``averaging``: ``"none"`` | ``"lawa"`` | ``"ema"`` (missing means ``"none"``).
+- ``averaging``: ``"none"`` | ``"lawa"`` | ``"ema"`` | ``"twa"`` (missing means
+  ``"none"``). ``"twa"`` (trainable weight averaging, TWA-t; PyTorch only)
+  collects exactly like LAWA: the window's snapshots are the checkpoints whose
+  averaging coefficients are fitted on recent training batches at each eval.
 - ``averaging_every`` (ν): steps between two collections.
 - ``lawa_window`` (L): how many collections LAWA averages.
 - ``ema_beta`` (β): EMA decay per collection.
@@ -13,6 +16,9 @@ Hyperparameter names (the public interface, shared by both frameworks):
   weights (fastest swap); ``"host"`` in CPU memory, copied and folded off the
   step path; ``"sharded"`` split over the DDP ranks (PyTorch; JAX treats it as
   ``"device"``). All give the same averages.
+- ``twa_steps``, ``twa_batches``, ``twa_lr``, ``twa_layerwise``,
+  ``twa_recompute_bn``: the TWA fit (see :class:`TWAConfig`). Type-checked
+  whatever the mode; they only matter when ``averaging="twa"``.
 
 Collection rule. Steps are counted from 1: ``step = global_step + 1`` after the
 optimizer step of AlgoPerf's ``update_params(global_step=...)``. A collection
@@ -30,11 +36,13 @@ from typing import Any, Literal
 
 from polyak.hyperparameters import lookup
 
-Mode = Literal["none", "lawa", "ema"]
+Mode = Literal["none", "lawa", "ema", "twa"]
 Placement = Literal["device", "host", "sharded"]
 BufferPolicy = Literal["live", "average"]
 
-MODES: tuple[str, ...] = ("none", "lawa", "ema")
+MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
+# Modes that keep a LAWA window of snapshots (TWA fits over them).
+WINDOW_MODES: tuple[str, ...] = ("lawa", "twa")
 PLACEMENTS: tuple[str, ...] = ("device", "host", "sharded")
 BUFFER_POLICIES: tuple[str, ...] = ("live", "average")
 
@@ -43,9 +51,91 @@ DEFAULT_BETA = 0.9
 # The paper's best horizon: ν·L ≈ 1% of the step budget.
 HORIZON_FRACTION = 0.01
 
+DEFAULT_TWA_STEPS = 50
+DEFAULT_TWA_BATCHES = 8
+DEFAULT_TWA_LR = 0.1
+
 
 class AveragingError(ValueError):
     """An averaging hyperparameter is out of range or unknown."""
+
+
+class TWAError(AveragingError):
+    """A TWA hyperparameter or input is out of range or does not fit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TWAConfig:
+    """Validated TWA settings. Build it with :meth:`from_hyperparameters`.
+
+    - ``steps`` (``twa_steps``): optimizer steps on the coefficients; 0 gives
+      uniform LAWA.
+    - ``batches`` (``twa_batches``): how many recent training batches the fit
+      cycles through (kept by the averager; :func:`fit_twa` uses those it is given).
+    - ``lr`` (``twa_lr``): Adam's peak learning rate, in units of the
+      checkpoints' spread, decayed to 0 by a cosine.
+    - ``layerwise`` (``twa_layerwise``): ``False``/``0`` learns one coefficient
+      vector for the whole model; ``True``/``1`` one per parameter tensor; an
+      integer n > 1 one per group of n consecutive tensors (2 = a layer's
+      weight and bias).
+    - ``recompute_batch_norm`` (``twa_recompute_bn``): recompute BatchNorm
+      statistics for the result.
+    """
+
+    steps: int = DEFAULT_TWA_STEPS
+    batches: int = DEFAULT_TWA_BATCHES
+    lr: float = DEFAULT_TWA_LR
+    layerwise: bool | int = False
+    recompute_batch_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.steps) or self.steps < 0:
+            raise TWAError(
+                f"twa_steps={self.steps!r} must be an integer >= 0 "
+                "(optimizer steps on the averaging coefficients)"
+            )
+        if not _is_int(self.batches) or self.batches < 1:
+            raise TWAError(
+                f"twa_batches={self.batches!r} must be an integer >= 1 "
+                "(training batches the coefficients are fitted on)"
+            )
+        if (
+            isinstance(self.lr, bool)
+            or not isinstance(self.lr, (int, float))
+            or not math.isfinite(self.lr)
+            or self.lr <= 0
+        ):
+            raise TWAError(f"twa_lr={self.lr!r} must be a finite number > 0")
+        layerwise = self.layerwise
+        if not (isinstance(layerwise, bool) or (_is_int(layerwise) and layerwise >= 0)):
+            raise TWAError(
+                f"twa_layerwise={self.layerwise!r} must be a bool or an integer >= 0 "
+                "(tensors per coefficient block; 0 or False: one block for the model)"
+            )
+        if not isinstance(self.recompute_batch_norm, bool):
+            raise TWAError(f"twa_recompute_bn={self.recompute_batch_norm!r} must be a bool")
+        object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "batches", int(self.batches))
+        object.__setattr__(self, "lr", float(self.lr))
+        object.__setattr__(
+            self, "layerwise", layerwise if isinstance(layerwise, bool) else int(layerwise)
+        )
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: Any) -> TWAConfig:
+        """Reads the ``twa_*`` names (missing or None: the defaults above)."""
+        return cls(
+            steps=lookup(hyperparameters, "twa_steps", DEFAULT_TWA_STEPS),
+            batches=lookup(hyperparameters, "twa_batches", DEFAULT_TWA_BATCHES),
+            lr=lookup(hyperparameters, "twa_lr", DEFAULT_TWA_LR),
+            layerwise=lookup(hyperparameters, "twa_layerwise", False),
+            recompute_batch_norm=lookup(hyperparameters, "twa_recompute_bn", True),
+        )
+
+    @property
+    def tensors_per_block(self) -> int:
+        """0 for one block over the whole model, else tensors per block."""
+        return int(self.layerwise)
 
 
 def default_every(step_hint: int, window: int = DEFAULT_WINDOW) -> int:
@@ -65,6 +155,12 @@ class AveragingConfig:
     step_hint: int = 1
     buffers: BufferPolicy = "live"
     placement: Placement = "device"
+    # Flat, so that ``AveragingConfig(**dataclasses.asdict(config))`` round-trips.
+    twa_steps: int = DEFAULT_TWA_STEPS
+    twa_batches: int = DEFAULT_TWA_BATCHES
+    twa_lr: float = DEFAULT_TWA_LR
+    twa_layerwise: bool | int = False
+    twa_recompute_bn: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -93,6 +189,23 @@ class AveragingConfig:
             raise AveragingError(
                 f"averaging_placement={self.placement!r} is unknown; expected one of {PLACEMENTS}"
             )
+        if self.mode == "twa" and self.buffers == "average":
+            raise TWAError(
+                "averaging='twa' with averaging_buffers='average' is not supported: TWA "
+                "recomputes the BatchNorm statistics for its weights; use averaging_buffers='live'"
+            )
+        # Type-checks (and normalises) the twa_* values whatever the mode.
+        twa = TWAConfig(
+            steps=self.twa_steps,
+            batches=self.twa_batches,
+            lr=self.twa_lr,
+            layerwise=self.twa_layerwise,
+            recompute_batch_norm=self.twa_recompute_bn,
+        )
+        object.__setattr__(self, "twa_steps", twa.steps)
+        object.__setattr__(self, "twa_batches", twa.batches)
+        object.__setattr__(self, "twa_lr", twa.lr)
+        object.__setattr__(self, "twa_layerwise", twa.layerwise)
         # Normalise JSON floats (64.0) to the ints the buffers are sized by.
         object.__setattr__(self, "every", int(self.every))
         object.__setattr__(self, "window", int(self.window))
@@ -118,11 +231,32 @@ class AveragingConfig:
             step_hint=step_hint,
             buffers=lookup(hyperparameters, "averaging_buffers", "live"),
             placement=lookup(hyperparameters, "averaging_placement", "device"),
+            twa_steps=lookup(hyperparameters, "twa_steps", DEFAULT_TWA_STEPS),
+            twa_batches=lookup(hyperparameters, "twa_batches", DEFAULT_TWA_BATCHES),
+            twa_lr=lookup(hyperparameters, "twa_lr", DEFAULT_TWA_LR),
+            twa_layerwise=lookup(hyperparameters, "twa_layerwise", False),
+            twa_recompute_bn=lookup(hyperparameters, "twa_recompute_bn", True),
         )
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def keeps_window(self) -> bool:
+        """Whether a LAWA window of snapshots is kept (LAWA, and TWA's checkpoints)."""
+        return self.mode in WINDOW_MODES
+
+    @property
+    def twa(self) -> TWAConfig:
+        """The TWA fit settings (meaningful when ``mode == "twa"``)."""
+        return TWAConfig(
+            steps=self.twa_steps,
+            batches=self.twa_batches,
+            lr=self.twa_lr,
+            layerwise=self.twa_layerwise,
+            recompute_batch_norm=self.twa_recompute_bn,
+        )
 
     @property
     def start_step(self) -> int:

@@ -1,6 +1,6 @@
 """Whether an averaging state fits, checked before any of it is allocated.
 
-A LAWA window holds L copies of the weights: for Criteo's 2.1 GB embedding,
+A LAWA (or TWA) window holds L copies of the weights: for Criteo's 2.1 GB embedding,
 L = 20 replicated is about 43 GB per rank. Running out of memory an hour into
 a run is the worst way to learn that, so both backends estimate their bytes
 from the tracked shapes at init and fail with a message that names the
@@ -58,16 +58,18 @@ def footprint(
         return Footprint()
     shard = -(-num_elements // world)
     shard_bytes = -(-weight_bytes // world)
-    window = config.window * shard_bytes if config.mode == "lawa" else 0
+    window = config.window * shard_bytes if config.keeps_window else 0
     accumulator = 4 * shard
     staged = shard_bytes if staging else 0
     # A sharded average is gathered whole (fp32) before it is loaded.
     gathered = 4 * shard * world if world > 1 else 0
+    # TWA's fit holds θ̄ and K − 1 basis rows (fp32, this rank's slice) at eval.
+    subspace = 4 * shard * config.window if config.mode == "twa" else 0
     return Footprint(
         window=window,
         accumulator=accumulator,
         staging=staged,
-        eval_buffers=(weight_bytes if stash else 0) + gathered,
+        eval_buffers=(weight_bytes if stash else 0) + gathered + subspace,
     )
 
 
@@ -96,11 +98,11 @@ def check_fits(
     if available is None or needed.total <= available:
         return
     settings = f"averaging={config.mode!r}"
-    if config.mode == "lawa":
+    if config.keeps_window:
         settings += f", lawa_window={config.window}"
     settings += f", averaging_placement={config.placement!r}"
     ways_out = []
-    if config.mode == "lawa":
+    if config.keeps_window:
         ways_out.append("a smaller lawa_window")
         ways_out.append("averaging='ema' (one copy instead of L)")
     if config.placement != "sharded":

@@ -1,4 +1,4 @@
-"""LAWA and EMA of a torch module's weights, swapped in for evaluation.
+"""LAWA, EMA and TWA of a torch module's weights, swapped in for evaluation.
 
 The averager keys its buffers off ``module.parameters()`` order (and, under
 the ``"average"`` buffer policy, the module's floating-point buffers), so it
@@ -34,6 +34,15 @@ on their own tensors, so they give the same averages, bit for bit:
   collection): DDP evaluates rank 0's BatchNorm statistics. Without a
   process group it is ``"device"`` with one rank.
 
+TWA (``averaging="twa"``) keeps the LAWA window and the last ``twa_batches``
+training batches (``remember_batch``, references only). ``swap_in_average``
+then fits the averaging coefficients over the window's snapshots on those
+batches (:func:`polyak.averaging.twa.fit_twa`) with the loss and forward
+closures of a :class:`TWAFitContext`, and recomputes BatchNorm statistics;
+the live buffers are stashed beside the live weights and come back with them.
+The batches are not checkpointed (they can be large): after a resume the fit
+uses the batches seen since.
+
 ``state_dict()`` holds everything, stash included, in one format for all
 placements: AlgoPerf checkpoints right after an eval, when the module holds
 the average, and the live weights must come back from the optimizer state.
@@ -41,17 +50,19 @@ the average, and the live weights must come back from the optimizer state.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from polyak.averaging import memory, monitoring
-from polyak.averaging.config import AveragingConfig
+from polyak.averaging import memory, monitoring, twa
+from polyak.averaging.config import AveragingConfig, TWAError
 
 Tensors = list[torch.Tensor]
 
@@ -85,7 +96,7 @@ def _fold(
     ema: Tensors,
     new: Tensors,
 ) -> None:
-    if config.mode == "lawa":
+    if config.keeps_window:
         _fold_lawa(window, total, counters.num_collected, new)
     else:
         _fold_ema(ema, new, counters.num_collected, config.beta)
@@ -128,7 +139,7 @@ def _lawa_count(config: AveragingConfig, counters: _Counters) -> float:
 
 def _mean(config: AveragingConfig, counters: _Counters, total: Tensors, ema: Tensors) -> Tensors:
     """The average in fp32 (new tensors)."""
-    if config.mode == "lawa":
+    if config.keeps_window:
         return list(torch._foreach_div(total, _lawa_count(config, counters)))
     return [e.clone() for e in ema]
 
@@ -137,7 +148,7 @@ def _mean_into(
     config: AveragingConfig, counters: _Counters, total: Tensors, ema: Tensors, targets: Tensors
 ) -> None:
     """Writes the average into ``targets`` in their dtypes, rounding once from fp32."""
-    if config.mode == "lawa":
+    if config.keeps_window:
         count = _lawa_count(config, counters)
         for target, accumulated in zip(targets, total):
             torch.div(accumulated, count, out=target)
@@ -182,7 +193,7 @@ class _DeviceStore:
         self.window: list[Tensors] = []
         self.total: Tensors = []
         self.ema: Tensors = []
-        if config.mode == "lawa":
+        if config.keeps_window:
             self.window = [[torch.zeros_like(t) for t in live] for _ in range(config.window)]
             self.total = [torch.zeros_like(t, dtype=torch.float32) for t in live]
         else:
@@ -248,7 +259,7 @@ class _HostStore:
         self.window: list[Tensors] = []
         self.total: Tensors = []
         self.ema: Tensors = []
-        if config.mode == "lawa":
+        if config.keeps_window:
             self.window = [[host(t) for t in live] for _ in range(config.window)]
             self.total = [host(t, torch.float32) for t in live]
         else:
@@ -381,7 +392,7 @@ class _ShardedStore:
         self.window: list[Tensors] = []
         self.total: Tensors = []
         self.ema: Tensors = []
-        if config.mode == "lawa":
+        if config.keeps_window:
             self.window = [[flat(self.dtype)] for _ in range(config.window)]
             self.total = [flat(torch.float32)]
         else:
@@ -525,6 +536,20 @@ class _ShardedStore:
 # -- the averager ----------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class TWAFitContext:
+    """What a TWA fit needs from the caller, who knows the workload.
+
+    ``loss_fn(module, batch)`` is the differentiable training loss exactly as
+    a training step computes it, but with no dropout and no BatchNorm update;
+    ``forward_fn(module, batch)`` is a train-mode forward pass that updates
+    BatchNorm statistics (for their recomputation; ``None``: ``loss_fn``).
+    """
+
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None
+
+
 class TorchAverager:
     """Keeps a LAWA window or an EMA of a module's weights, where the config places it."""
 
@@ -537,6 +562,10 @@ class TorchAverager:
         self._swapped = False
         self._stash: Tensors | None = None
         self._store: _Store | None = None
+        # TWA: the recent training batches, and the live buffers while swapped.
+        self._recent_batches: collections.deque[Any] = collections.deque(maxlen=config.twa_batches)
+        self._buffer_stash: Tensors | None = None
+        self.last_twa_result: twa.TWAResult | None = None
         if not config.enabled or not self._live:
             return
         _check_memory(config, self._live)
@@ -605,6 +634,16 @@ class TorchAverager:
         self.timings.record("collect", time.perf_counter() - start)
         return taken
 
+    def remember_batch(self, batch: Any) -> None:
+        """Keeps a reference to a training batch for TWA's fit (a no-op for other modes)."""
+        if self.config.mode == "twa":
+            self._recent_batches.append(batch)
+
+    @property
+    def recent_batches(self) -> list[Any]:
+        """The training batches a TWA fit would use, oldest first."""
+        return list(self._recent_batches)
+
     def before_optimizer_step(self) -> None:
         """Call before the optimizer writes the weights: waits (on the device) for a
         pending snapshot copy. A no-op except for ``"host"`` placement under CUDA."""
@@ -624,20 +663,72 @@ class TorchAverager:
             return [t.detach().float().clone() for t in self._live]
         return self._store.mean()
 
-    @torch.no_grad()
-    def swap_in_average(self) -> None:
+    def swap_in_average(self, fit_context: TWAFitContext | None = None) -> None:
         """Stashes the live weights and loads the average into the module.
 
-        A collective under ``"sharded"`` placement: call it on every rank.
+        For TWA, ``fit_context`` is required: the coefficients are fitted and
+        BatchNorm statistics recomputed here (the live buffers are stashed too).
+        A collective under ``"sharded"`` placement (and for TWA under DDP):
+        call it on every rank.
         """
         self._join()
         if self._swapped or self._store is None or self._counters.num_collected == 0:
             return
+        if self.config.mode == "twa" and fit_context is None:
+            raise TWAError(
+                "averaging='twa' needs a TWAFitContext (the training loss) in swap_in_average"
+            )
         start = time.perf_counter()
-        torch._foreach_copy_(self._stash_buffers(), self._live, non_blocking=self._pinned_stash)
-        self._store.mean_into(self._live)
+        with torch.no_grad():
+            torch._foreach_copy_(self._stash_buffers(), self._live, non_blocking=self._pinned_stash)
+            if self.config.mode != "twa":
+                self._store.mean_into(self._live)
+        if self.config.mode == "twa":
+            assert fit_context is not None
+            self._swap_in_twa(fit_context)
         self._swapped = True
         self.timings.record("swap", time.perf_counter() - start)
+
+    def _swap_in_twa(self, context: TWAFitContext) -> None:
+        buffers = list(self._module.buffers())
+        with torch.no_grad():
+            self._buffer_stash = [b.detach().clone() for b in buffers]
+        batches = self.recent_batches
+        if not batches:
+            # Nothing to fit on (never the case under AlgoPerf, where a step
+            # precedes every eval): the uniform average with the live buffers.
+            with torch.no_grad():
+                self._store.mean_into(self._live)  # type: ignore[union-attr]
+            self.last_twa_result = None
+            return
+        config = self.config.twa
+        slots = self._window_order()
+        shapes = [t.shape for t in self._live]
+        store = self._store
+        checkpoints: Sequence[Sequence[torch.Tensor]] | twa.TWASubspace
+        if isinstance(store, _ShardedStore):
+            shards = [store.window[slot][0] for slot in slots]
+            checkpoints = twa.subspace_from_shards(shards, shapes, config)
+        else:
+            assert isinstance(store, (_DeviceStore, _HostStore))
+            checkpoints = [store.window[slot] for slot in slots]
+        with torch.enable_grad():
+            self.last_twa_result = twa.fit_twa(
+                self._module,
+                checkpoints,
+                config,
+                context.loss_fn,
+                batches,
+                forward_fn=context.forward_fn,
+            )
+
+    def _window_order(self) -> list[int]:
+        """The filled window slots, oldest snapshot first."""
+        count = self._counters.num_collected
+        size = self.config.window
+        if count < size:
+            return list(range(count))
+        return [(count + i) % size for i in range(size)]
 
     @torch.no_grad()
     def restore_live(self) -> None:
@@ -647,6 +738,10 @@ class TorchAverager:
         assert self._stash is not None
         start = time.perf_counter()
         torch._foreach_copy_(self._live, self._stash, non_blocking=self._pinned_stash)
+        if self._buffer_stash is not None:
+            for buffer, saved in zip(self._module.buffers(), self._buffer_stash):
+                buffer.copy_(saved)
+            self._buffer_stash = None
         if self.config.placement == "sharded" and _rank_and_world()[1] > 1:
             self._stash = None  # sharded placement is chosen to save device memory
         self._swapped = False
@@ -688,6 +783,12 @@ class TorchAverager:
             "num_skipped_nonfinite": self._counters.num_skipped_nonfinite,
             "swapped": self._swapped,
             "stash": [t.clone() for t in self._stash] if self._swapped and self._stash else None,
+            # TWA's live buffers while its recomputed BatchNorm statistics are out.
+            "buffer_stash": (
+                [t.clone() for t in self._buffer_stash]
+                if self._swapped and self._buffer_stash is not None
+                else None
+            ),
             **stored,
         }
 
@@ -712,6 +813,10 @@ class TorchAverager:
         if state["stash"] is not None:
             _copy_into(self._stash_buffers(), state["stash"])
             self._swapped = True
+        self._buffer_stash = None
+        if self._swapped and state.get("buffer_stash") is not None:
+            self._buffer_stash = [t.detach().clone() for t in state["buffer_stash"]]
+            _check_lengths(self._buffer_stash, list(self._module.buffers()), "buffers")
 
 
 # -- helpers ----------------------------------------------------------------------

@@ -61,12 +61,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from polyak.averaging.config import AveragingError
-from polyak.hyperparameters import lookup
+from polyak.averaging.config import DEFAULT_TWA_BATCHES as DEFAULT_BATCHES
+from polyak.averaging.config import DEFAULT_TWA_LR as DEFAULT_LR
+from polyak.averaging.config import DEFAULT_TWA_STEPS as DEFAULT_STEPS
+from polyak.averaging.config import TWAConfig, TWAError
 
-DEFAULT_STEPS = 50
-DEFAULT_BATCHES = 8
-DEFAULT_LR = 0.1
+__all__ = [
+    "DEFAULT_BATCHES",
+    "DEFAULT_LR",
+    "DEFAULT_STEPS",
+    "TWAConfig",
+    "TWAError",
+    "TWAResult",
+    "TWASubspace",
+    "build_subspace",
+    "fit_twa",
+    "recompute_batch_norm",
+    "subspace_from_shards",
+]
 # A centered checkpoint that keeps less than this fraction of its norm after
 # the earlier directions are projected out adds only rounding noise (exact
 # duplicates leave ~1e-6 in fp32); directions that small do not matter for
@@ -74,91 +86,6 @@ DEFAULT_LR = 0.1
 DEPENDENCE_TOLERANCE = 1e-3
 
 _ADAM_BETAS = (0.9, 0.999)
-
-
-class TWAError(AveragingError):
-    """A TWA hyperparameter or input is out of range or does not fit."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TWAConfig:
-    """Validated TWA settings. Build it with :meth:`from_hyperparameters`.
-
-    - ``steps`` (``twa_steps``): optimizer steps on the coefficients; 0 gives
-      uniform LAWA.
-    - ``batches`` (``twa_batches``): how many recent training batches the fit
-      cycles through (kept by the averager; :func:`fit_twa` uses those it is given).
-    - ``lr`` (``twa_lr``): Adam's peak learning rate, in units of the
-      checkpoints' spread, decayed to 0 by a cosine.
-    - ``layerwise`` (``twa_layerwise``): ``False``/``0`` learns one coefficient
-      vector for the whole model; ``True``/``1`` one per parameter tensor; an
-      integer n > 1 one per group of n consecutive tensors (2 = a layer's
-      weight and bias).
-    - ``recompute_batch_norm`` (``twa_recompute_bn``): recompute BatchNorm
-      statistics for the result.
-    """
-
-    steps: int = DEFAULT_STEPS
-    batches: int = DEFAULT_BATCHES
-    lr: float = DEFAULT_LR
-    layerwise: bool | int = False
-    recompute_batch_norm: bool = True
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.steps) or self.steps < 0:
-            raise TWAError(
-                f"twa_steps={self.steps!r} must be an integer >= 0 "
-                "(optimizer steps on the averaging coefficients)"
-            )
-        if not _is_int(self.batches) or self.batches < 1:
-            raise TWAError(
-                f"twa_batches={self.batches!r} must be an integer >= 1 "
-                "(training batches the coefficients are fitted on)"
-            )
-        if (
-            isinstance(self.lr, bool)
-            or not isinstance(self.lr, (int, float))
-            or not math.isfinite(self.lr)
-            or self.lr <= 0
-        ):
-            raise TWAError(f"twa_lr={self.lr!r} must be a finite number > 0")
-        layerwise = self.layerwise
-        if not (isinstance(layerwise, bool) or (_is_int(layerwise) and layerwise >= 0)):
-            raise TWAError(
-                f"twa_layerwise={self.layerwise!r} must be a bool or an integer >= 0 "
-                "(tensors per coefficient block; 0 or False: one block for the model)"
-            )
-        if not isinstance(self.recompute_batch_norm, bool):
-            raise TWAError(f"twa_recompute_bn={self.recompute_batch_norm!r} must be a bool")
-        object.__setattr__(self, "steps", int(self.steps))
-        object.__setattr__(self, "batches", int(self.batches))
-        object.__setattr__(self, "lr", float(self.lr))
-        object.__setattr__(
-            self, "layerwise", layerwise if isinstance(layerwise, bool) else int(layerwise)
-        )
-
-    @classmethod
-    def from_hyperparameters(cls, hyperparameters: Any) -> TWAConfig:
-        """Reads the ``twa_*`` names (missing or None: the defaults above)."""
-        return cls(
-            steps=lookup(hyperparameters, "twa_steps", DEFAULT_STEPS),
-            batches=lookup(hyperparameters, "twa_batches", DEFAULT_BATCHES),
-            lr=lookup(hyperparameters, "twa_lr", DEFAULT_LR),
-            layerwise=lookup(hyperparameters, "twa_layerwise", False),
-            recompute_batch_norm=lookup(hyperparameters, "twa_recompute_bn", True),
-        )
-
-    @property
-    def tensors_per_block(self) -> int:
-        """0 for one block over the whole model, else tensors per block."""
-        return int(self.layerwise)
-
-
-def _is_int(value: Any) -> bool:
-    # JSON search spaces give floats such as 20.0; bools are not counts.
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
 def blocks_for(num_tensors: int, config: TWAConfig) -> list[list[int]]:
