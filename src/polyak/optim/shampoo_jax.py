@@ -1,0 +1,831 @@
+"""Shampoo for JAX: blocked Kronecker-factored preconditioning with grafting, as optax transforms.
+
+The twin of :mod:`polyak.optim.shampoo_torch`, with the same algorithm, names
+and order of operations (Distributed Shampoo, Shi et al., 2023). One step, with
+t counting the steps taken, from 1::
+
+    g                                         raw gradient
+    m ← β1·m + (1−β1)·g                       filtered gradient (skipped when β1 = 0)
+    m̃ = (β1·m + (1−β1)·g) / (1−β1ᵗ)           NAdam look-ahead (use_nesterov), else m / (1−β1ᵗ)
+    v ← β2ᵍ·v + (1−β2ᵍ)·g²                    Adam grafting's second moment
+    a = m̃ / (√v / √(1−β2ᵍᵗ) + εᵍ)             grafted direction (SGD or no grafting: a = m̃)
+
+and, per block B of a preconditioned parameter (the blocks come from
+:mod:`polyak.optim.shampoo_blocking`, shared with the torch twin)::
+
+    Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ               mode-i unfolding of the raw gradient block
+    Qᵢ = (Lᵢ / (1−β2ᵗ))^(−1/(2k))             every precondition_frequency steps
+    p_B = m̃_B ×₁ Q₁ ×₂ … ×ₖ Qₖ                 Shampoo direction
+    d_B = p_B · ‖a_B‖ / ‖p_B‖                  grafted to the per-block norm of a
+
+then ``d ← d + wd·θ`` (decoupled weight decay), an optional EMA momentum on d
+(Nesterov-style), and ``θ ← θ − lr·d``. :func:`scale_by_shampoo` computes d
+before weight decay; :func:`shampoo` chains it with ``add_decayed_weights``,
+:func:`scale_by_ema_momentum` and the learning rate, inside
+:func:`skip_unusable_steps`.
+
+JAX specifics:
+
+- All factors of the same size (and dtype) live in one stacked array, so that
+  their inverse roots are one ``vmap``-ed eigh. The roots are recomputed under
+  ``lax.cond``, so steps between root refreshes pay only the matmuls. The
+  groups' eighs run one after another (see :func:`_update_roots` for why).
+- Numerics follow the torch twin: eigenvalues become ``max(λ, 0) + ε`` before
+  the power; a non-finite root keeps the previous one (retried in float64
+  first when ``jax_enable_x64`` is on) and counts in ``root_failures``; a
+  block uses the grafted direction until all of its roots were computed once;
+  summed statistics (β2 = 1) that would overflow are not accumulated
+  (``skipped_statistics``); a non-finite Shampoo direction anywhere makes the
+  step use the grafted directions (``direction_fallbacks``).
+- A gradient leaf whose norm is non-finite or at least ``√max / 2`` skips the
+  whole step (state and parameters untouched) in :func:`skip_unusable_steps`.
+  The torch twin skips only the affected parameters; under jit a whole-step
+  skip needs one ``lax.cond`` and no host synchronisation, and a non-finite
+  loss poisons every gradient anyway.
+
+Works with AlgoPerf's pins (jax 0.7.0, optax 0.2.2) and current releases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from polyak.hyperparameters import lookup
+from polyak.optim.nadamw_jax import warmup_cosine_schedule
+from polyak.optim.schedules import warmup_steps_for
+from polyak.optim.shampoo_blocking import ParameterPlan, plan_parameter
+from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
+
+__all__ = [
+    "DEFAULT_HYPERPARAMETERS",
+    "EmaMomentumState",
+    "ScaleByShampooState",
+    "SkipUnusableStepsState",
+    "make_shampoo",
+    "matrix_inverse_root",
+    "scale_by_ema_momentum",
+    "scale_by_shampoo",
+    "shampoo",
+    "shampoo_config_from_hyperparameters",
+    "shampoo_schedule",
+    "skip_unusable_steps",
+]
+
+# Keeps the grafting ratio ‖a‖ / ‖p‖ finite when the Shampoo direction vanishes.
+_NORM_FLOOR = 1e-16
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# The first point of the AlgoPerf v0.5 Distributed Shampoo external-tuning
+# submission, identical to the torch twin's (a test holds them equal). Used
+# whole in the self-tuning ruleset (hyperparameters=None) and per name when one
+# is missing.
+DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
+    "learning_rate": 0.0017486387539278373,
+    "one_minus_beta1": 0.06733926164,
+    "one_minus_beta2": 0.00448403102,
+    "epsilon": 1e-08,
+    "one_minus_momentum": 0.0,
+    "use_momentum": False,
+    "weight_decay": 0.08121616522670176,
+    "max_preconditioner_dim": 1024,
+    "precondition_frequency": 100,
+    "start_preconditioning_step": -1,
+    "inv_root_override": 0,
+    "exponent_multiplier": 1.0,
+    "grafting_type": "ADAM",
+    "grafting_epsilon": 1e-08,
+    "use_normalized_grafting": False,
+    "communication_dtype": "FP32",
+    "communicate_params": True,
+    "use_cosine_decay": True,
+    "warmup_factor": 0.02,
+    "label_smoothing": 0.0,
+    "dropout_rate": 0.1,
+    "use_nadam": True,
+    "step_hint_factor": 1.0,
+}
+
+_GRAFTING_TYPES = {"ADAM": "adam", "SGD": "sgd", "NONE": "none"}
+
+
+# ---------------------------------------------------------------------- layout
+
+
+@dataclasses.dataclass(frozen=True)
+class _FactorSlot:
+    """Where one Kronecker factor lives: row ``index`` of the stacked array ``group``."""
+
+    group: str
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """One stack of same-size factors: per row, −1/root and the block it belongs to."""
+
+    dim: int
+    dtype: Any
+    exponents: tuple[float, ...]
+    blocks: tuple[int, ...]  # numbered across the whole tree, in ``slots`` order
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The static bookkeeping of a parameter tree: plans and factor slots.
+
+    ``slots[leaf][block][axis]`` names the factor of that block's axis. Both
+    ``init`` and ``update`` rebuild it from the leaves' shapes, so it never has
+    to be stored in the state.
+    """
+
+    plans: tuple[ParameterPlan, ...]
+    slots: tuple[tuple[tuple[_FactorSlot, ...], ...], ...]
+    groups: dict[str, _Group]
+    num_blocks: int
+
+
+def _factor_dtype(dtype: Any) -> Any:
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _group_key(dim: int, dtype: Any) -> str:
+    return str(dim) if jnp.dtype(dtype) == jnp.float32 else f"{dim}_{jnp.dtype(dtype).name}"
+
+
+def _build_layout(leaves: Sequence[Any], config: ShampooConfig) -> _Layout:
+    plans = tuple(plan_parameter(tuple(leaf.shape), config) for leaf in leaves)
+    exponents: dict[str, list[float]] = {}
+    owners: dict[str, list[int]] = {}
+    group_info: dict[str, tuple[int, Any]] = {}
+    slots = []
+    num_blocks = 0
+    for leaf, plan in zip(leaves, plans, strict=True):
+        dtype = _factor_dtype(leaf.dtype)
+        leaf_slots = []
+        for block in plan.blocks:
+            root = config.inv_root_override or 2 * block.order
+            block_slots = []
+            for dim in block.dims:
+                key = _group_key(dim, dtype)
+                group_info.setdefault(key, (dim, dtype))
+                rows = exponents.setdefault(key, [])
+                block_slots.append(_FactorSlot(key, len(rows)))
+                rows.append(-1.0 / root)
+                owners.setdefault(key, []).append(num_blocks)
+            leaf_slots.append(tuple(block_slots))
+            num_blocks += 1
+        slots.append(tuple(leaf_slots))
+    groups = {
+        key: _Group(
+            dim=group_info[key][0],
+            dtype=group_info[key][1],
+            exponents=tuple(rows),
+            blocks=tuple(owners[key]),
+        )
+        for key, rows in exponents.items()
+    }
+    return _Layout(plans=plans, slots=tuple(slots), groups=groups, num_blocks=num_blocks)
+
+
+def _all_per_block(row_flags: dict[str, jax.Array], layout: _Layout) -> jax.Array:
+    """For each block, whether the flags of all of its factor rows are set."""
+    if layout.num_blocks == 0:
+        return jnp.zeros((0,), jnp.bool_)
+    keys = list(layout.groups)
+    flags = jnp.concatenate([row_flags[key] for key in keys]).astype(jnp.int32)
+    owners = np.concatenate([np.asarray(layout.groups[key].blocks) for key in keys])
+    return jax.ops.segment_min(flags, owners, num_segments=layout.num_blocks) > 0
+
+
+# ---------------------------------------------------------------------- state
+
+
+class ScaleByShampooState(NamedTuple):
+    """State of :func:`scale_by_shampoo`.
+
+    ``exp_avg`` and ``exp_avg_sq`` are shaped like the params, or None when
+    β1 = 0 or the grafting is not Adam. ``factors``, ``roots`` and ``root_ok``
+    map a group key (the factor size, e.g. ``"256"``) to stacks of shape
+    ``(n, d, d)``, ``(n, d, d)`` and ``(n,)``; grafted-only parameters own no
+    rows in them.
+    """
+
+    count: jax.Array  # int32 scalar: steps taken
+    exp_avg: optax.Updates | None
+    exp_avg_sq: optax.Updates | None
+    factors: dict[str, jax.Array]
+    roots: dict[str, jax.Array]
+    root_ok: dict[str, jax.Array]
+    root_failures: jax.Array  # int32 scalar: factors whose root recomputation failed
+    skipped_statistics: jax.Array  # int32 scalar: block updates dropped (summed statistics only)
+    direction_fallbacks: jax.Array  # int32 scalar: steps that fell back to grafting on overflow
+
+
+class EmaMomentumState(NamedTuple):
+    momentum_buffer: optax.Updates
+
+
+class SkipUnusableStepsState(NamedTuple):
+    skipped_steps: jax.Array  # int32 scalar
+    inner_state: optax.OptState
+
+
+# ---------------------------------------------------------------------- math
+
+
+def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigenvalues and eigenvectors from the lower triangle, as torch.linalg.eigh reads it.
+
+    A module-level function so that tests can make it fail.
+    """
+    eigenvalues, eigenvectors = jnp.linalg.eigh(matrix, UPLO="L", symmetrize_input=False)
+    return eigenvalues, eigenvectors
+
+
+def matrix_inverse_root(
+    matrix: jax.Array, exponent: jax.Array | float, epsilon: float
+) -> tuple[jax.Array, jax.Array]:
+    """``matrix^exponent`` of a symmetric PSD matrix, and whether it is finite.
+
+    Eigenvalues are clamped at 0 and shifted by ``epsilon`` first, so the
+    result is finite whenever eigh succeeds.
+    """
+    eigenvalues, eigenvectors = _eigh(matrix)
+    scales = jnp.power(jnp.maximum(eigenvalues, 0.0) + epsilon, exponent)
+    root = jnp.matmul(eigenvectors * scales, eigenvectors.T, precision=_HIGHEST)
+    return root, jnp.all(jnp.isfinite(root))
+
+
+def _factor_statistics(block: jax.Array) -> list[jax.Array]:
+    """G₍ᵢ₎G₍ᵢ₎ᵀ for every mode i of the block."""
+    if block.ndim == 1:
+        return [jnp.outer(block, block)]
+    if block.ndim == 2:
+        return [
+            jnp.matmul(block, block.T, precision=_HIGHEST),
+            jnp.matmul(block.T, block, precision=_HIGHEST),
+        ]
+    axes = range(block.ndim)
+    return [
+        jnp.tensordot(
+            block,
+            block,
+            axes=([a for a in axes if a != i], [a for a in axes if a != i]),
+            precision=_HIGHEST,
+        )
+        for i in axes
+    ]
+
+
+def _precondition(block: jax.Array, roots: Sequence[jax.Array]) -> jax.Array:
+    """``block ×₁ Q₁ ×₂ … ×ₖ Qₖ`` with symmetric Qᵢ."""
+    if block.ndim == 1:
+        return jnp.matmul(roots[0], block, precision=_HIGHEST)
+    if block.ndim == 2:
+        left = jnp.matmul(roots[0], block, precision=_HIGHEST)
+        return jnp.matmul(left, roots[1], precision=_HIGHEST)
+    result = block
+    for root in roots:  # each contraction moves the next mode to the back
+        result = jnp.tensordot(result, root, axes=([0], [0]), precision=_HIGHEST)
+    return result
+
+
+def _one_minus_power(beta: float, count: jax.Array) -> jax.Array:
+    """1 − βᵗ in float32, accurate to rounding even for β close to 1 (torch: float64 on host)."""
+    if beta <= 0.0:
+        return jnp.ones([], jnp.float32)
+    return -jnp.expm1(count.astype(jnp.float32) * math.log(beta))
+
+
+def _norm(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(x)))
+
+
+# ---------------------------------------------------------------------- transforms
+
+
+def scale_by_shampoo(config: ShampooConfig | None = None) -> optax.GradientTransformation:
+    """The grafted Shampoo direction d (no weight decay, momentum or learning rate).
+
+    Expects usable gradients: wrap the chain in :func:`skip_unusable_steps`
+    (as :func:`shampoo` does) if a gradient may be non-finite.
+    """
+    config = ShampooConfig() if config is None else config
+    if not isinstance(config, ShampooConfig):
+        raise ShampooConfigError(f"config={config!r} must be a ShampooConfig")
+    start = max(config.start_preconditioning_step, 1)
+    frequency = config.precondition_frequency
+
+    def init_fn(params: optax.Params) -> ScaleByShampooState:
+        leaves = jax.tree.leaves(params)
+        layout = _build_layout(leaves, config)
+        factors = {
+            key: jnp.zeros((len(group.exponents), group.dim, group.dim), group.dtype)
+            for key, group in layout.groups.items()
+        }
+        return ScaleByShampooState(
+            count=jnp.zeros([], jnp.int32),
+            exp_avg=jax.tree.map(jnp.zeros_like, params) if config.beta1 > 0.0 else None,
+            exp_avg_sq=(
+                jax.tree.map(jnp.zeros_like, params) if config.grafting == "adam" else None
+            ),
+            factors=factors,
+            roots={key: jnp.zeros_like(stack) for key, stack in factors.items()},
+            root_ok={
+                key: jnp.zeros((len(group.exponents),), jnp.bool_)
+                for key, group in layout.groups.items()
+            },
+            root_failures=jnp.zeros([], jnp.int32),
+            skipped_statistics=jnp.zeros([], jnp.int32),
+            direction_fallbacks=jnp.zeros([], jnp.int32),
+        )
+
+    def update_fn(
+        updates: optax.Updates, state: ScaleByShampooState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, ScaleByShampooState]:
+        del params
+        grads, treedef = jax.tree.flatten(updates)
+        layout = _build_layout(grads, config)
+        count = state.count + jnp.array(1, jnp.int32)
+
+        exp_avg, filtered = _filtered_gradients(config, grads, state.exp_avg, treedef, count)
+        exp_avg_sq, grafted = _grafted_directions(
+            config, grads, filtered, state.exp_avg_sq, treedef, count
+        )
+        factors, skipped_statistics = _update_statistics(config, layout, grads, state.factors)
+
+        roots_due = (count >= start) & ((count - start) % frequency == 0)
+        roots, root_ok, root_failures = jax.lax.cond(
+            roots_due,
+            lambda f, r, ok: _update_roots(config, layout, f, r, ok, count),
+            lambda f, r, ok: (r, ok, jnp.zeros([], jnp.int32)),
+            factors,
+            state.roots,
+            state.root_ok,
+        )
+
+        directions, fell_back = _shampoo_directions(
+            config, layout, filtered, grafted, roots, root_ok, count >= start
+        )
+        new_state = ScaleByShampooState(
+            count=count,
+            exp_avg=exp_avg,
+            exp_avg_sq=exp_avg_sq,
+            factors=factors,
+            roots=roots,
+            root_ok=root_ok,
+            root_failures=state.root_failures + root_failures,
+            skipped_statistics=state.skipped_statistics + skipped_statistics,
+            direction_fallbacks=state.direction_fallbacks + fell_back.astype(jnp.int32),
+        )
+        return jax.tree.unflatten(treedef, directions), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _filtered_gradients(
+    config: ShampooConfig,
+    grads: list[jax.Array],
+    exp_avg: optax.Updates | None,
+    treedef: Any,
+    count: jax.Array,
+) -> tuple[optax.Updates | None, list[jax.Array]]:
+    """The new ``exp_avg`` and m̃ for each leaf."""
+    beta1 = config.beta1
+    if beta1 == 0.0:
+        return None, grads
+    averages = treedef.flatten_up_to(exp_avg)
+    averages = [m + (1.0 - beta1) * (g - m) for g, m in zip(grads, averages, strict=True)]
+    if config.use_nesterov:
+        filtered = [m + (1.0 - beta1) * (g - m) for g, m in zip(grads, averages, strict=True)]
+    else:
+        filtered = averages
+    if config.use_bias_correction:
+        correction = _one_minus_power(beta1, count)
+        filtered = [f / correction.astype(f.dtype) for f in filtered]
+    return jax.tree.unflatten(treedef, averages), filtered
+
+
+def _grafted_directions(
+    config: ShampooConfig,
+    grads: list[jax.Array],
+    filtered: list[jax.Array],
+    exp_avg_sq: optax.Updates | None,
+    treedef: Any,
+    count: jax.Array,
+) -> tuple[optax.Updates | None, list[jax.Array]]:
+    """The new ``exp_avg_sq`` and the grafted method's direction a for each leaf."""
+    if config.grafting != "adam":
+        return None, filtered
+    beta2 = config.grafting_beta2
+    second_moments = [
+        beta2 * v + (1.0 - beta2) * g * g
+        for g, v in zip(grads, treedef.flatten_up_to(exp_avg_sq), strict=True)
+    ]
+    correction = jnp.sqrt(_one_minus_power(beta2, count)) if config.use_bias_correction else None
+    grafted = []
+    for f, v in zip(filtered, second_moments, strict=True):
+        denominator = jnp.sqrt(v)
+        if correction is not None:
+            denominator = denominator / correction.astype(v.dtype)
+        grafted.append(f / (denominator + config.grafting_epsilon))
+    return jax.tree.unflatten(treedef, second_moments), grafted
+
+
+def _blocks_of(leaf: jax.Array, plan: ParameterPlan, dtype: Any) -> list[jax.Array]:
+    merged = leaf.reshape(plan.merged_shape).astype(dtype)
+    return [merged[block.slices] for block in plan.blocks]
+
+
+def _update_statistics(
+    config: ShampooConfig,
+    layout: _Layout,
+    grads: list[jax.Array],
+    factors: dict[str, jax.Array],
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Adds this step's G₍ᵢ₎G₍ᵢ₎ᵀ; returns the factors and how many blocks were skipped.
+
+    With an EMA (β2 < 1) and a usable gradient (see :func:`skip_unusable_steps`)
+    the new factors are finite: a PSD factor's entries are bounded by its trace,
+    a convex mix of ‖G‖² values. Summed statistics (β2 = 1) can still grow past
+    that, so, as in the torch twin, a block whose predicted trace
+    ``trace(L₁) + ‖g‖²`` (g the whole parameter's gradient) reaches a quarter
+    of the float32 maximum keeps its old factors.
+    """
+    contributions: dict[str, list[jax.Array | None]] = {
+        key: [None] * len(group.exponents) for key, group in layout.groups.items()
+    }
+    for grad, plan, leaf_slots in zip(grads, layout.plans, layout.slots, strict=True):
+        if not plan.preconditioned:
+            continue
+        for block, block_slots in zip(
+            _blocks_of(grad, plan, _factor_dtype(grad.dtype)), leaf_slots, strict=True
+        ):
+            for statistic, slot in zip(_factor_statistics(block), block_slots, strict=True):
+                contributions[slot.group][slot.index] = statistic
+    beta2 = config.beta2
+    if beta2 < 1.0:
+        updated = {
+            key: (1.0 - beta2) * jnp.stack(contributions[key]) + beta2 * stack
+            for key, stack in factors.items()
+        }
+        return updated, jnp.zeros([], jnp.int32)
+    safe = _summed_statistics_safe(layout, grads, factors)
+    updated = {}
+    for key, stack in factors.items():
+        keep = safe[np.asarray(layout.groups[key].blocks)]
+        updated[key] = jnp.where(keep[:, None, None], jnp.stack(contributions[key]) + stack, stack)
+    return updated, jnp.sum(~safe).astype(jnp.int32)
+
+
+def _summed_statistics_safe(
+    layout: _Layout, grads: list[jax.Array], factors: dict[str, jax.Array]
+) -> jax.Array:
+    """Per block: whether ``trace(L₁) + ‖g‖² < max/4`` (False for NaN too)."""
+    limit = float(jnp.finfo(jnp.float32).max) / 4
+    traces = {key: jnp.trace(stack, axis1=1, axis2=2) for key, stack in factors.items()}
+    checks = []
+    for grad, leaf_slots in zip(grads, layout.slots, strict=True):
+        if not leaf_slots:
+            continue
+        squared_norm = jnp.sum(jnp.square(grad.astype(jnp.float32)))
+        for block_slots in leaf_slots:
+            first = block_slots[0]
+            checks.append(traces[first.group][first.index] + squared_norm < limit)
+    return jnp.stack(checks)
+
+
+def _update_roots(
+    config: ShampooConfig,
+    layout: _Layout,
+    factors: dict[str, jax.Array],
+    roots: dict[str, jax.Array],
+    root_ok: dict[str, jax.Array],
+    count: jax.Array,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+    """Recomputes every root, one vmapped eigh per group; failures keep the old root."""
+    if config.use_bias_correction and config.beta2 < 1.0:
+        correction = _one_minus_power(config.beta2, count)
+    else:
+        correction = jnp.ones([], jnp.float32)
+    new_roots, new_ok = {}, {}
+    failures = jnp.zeros([], jnp.int32)
+    previous: jax.Array | None = None
+    for key, stack in factors.items():
+        group = layout.groups[key]
+        exponents = jnp.asarray(np.asarray(group.exponents), stack.dtype)
+        matrices = stack / correction.astype(stack.dtype)
+        if previous is not None:
+            # One group's eigh at a time: jaxlib 0.10's CPU LAPACK kernels block a
+            # pool thread while they fan a batch out to the same pool, and as many
+            # concurrent batched eighs as pool threads deadlock it (seen with two
+            # 1024-wide groups on 2 cores). Adding an exact zero computed from the
+            # previous group's roots makes each eigh wait for the one before; an
+            # optimization barrier would not, as XLA drops it before scheduling.
+            matrices = matrices + _zero_after(previous, matrices.dtype)
+        candidate, finite = jax.vmap(lambda m, e: matrix_inverse_root(m, e, config.epsilon))(
+            matrices, exponents
+        )
+        if stack.dtype == jnp.float32 and jax.config.jax_enable_x64:
+            candidate, finite = _retry_in_float64(
+                matrices, exponents, config.epsilon, candidate, finite
+            )
+        new_roots[key] = jnp.where(finite[:, None, None], candidate, roots[key])
+        new_ok[key] = root_ok[key] | finite
+        failures = failures + jnp.sum(~finite).astype(jnp.int32)
+        previous = new_roots[key]
+    return new_roots, new_ok, failures
+
+
+def _zero_after(value: jax.Array, dtype: Any) -> jax.Array:
+    """An exact 0 that XLA cannot compute before ``value`` (never NaN, whatever ``value`` is)."""
+    flag = jnp.isnan(value.reshape(-1)[0]).astype(dtype)
+    return flag * jnp.zeros([], dtype)
+
+
+def _retry_in_float64(
+    matrices: jax.Array,
+    exponents: jax.Array,
+    epsilon: float,
+    candidate: jax.Array,
+    finite: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Recomputes a group in float64 when any of its float32 roots failed."""
+
+    def retry(operands: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        first, first_finite = operands
+        second, second_finite = jax.vmap(lambda m, e: matrix_inverse_root(m, e, epsilon))(
+            matrices.astype(jnp.float64), exponents.astype(jnp.float64)
+        )
+        second = second.astype(jnp.float32)
+        second_finite = second_finite & jnp.all(jnp.isfinite(second), axis=(1, 2))
+        merged = jnp.where(first_finite[:, None, None], first, second)
+        return merged, first_finite | second_finite
+
+    return jax.lax.cond(jnp.all(finite), lambda ops: ops, retry, (candidate, finite))
+
+
+def _shampoo_directions(
+    config: ShampooConfig,
+    layout: _Layout,
+    filtered: list[jax.Array],
+    grafted: list[jax.Array],
+    roots: dict[str, jax.Array],
+    root_ok: dict[str, jax.Array],
+    started: jax.Array,
+) -> tuple[list[jax.Array], jax.Array]:
+    """Each leaf's direction, and whether this step fell back to grafting on overflow."""
+    # A block uses the grafted direction until all of its roots were computed once.
+    ready = _all_per_block(root_ok, layout)
+    directions: list[jax.Array] = []
+    preconditioned: list[int] = []
+    block_number = 0
+    for leaf_filtered, leaf_grafted, plan, leaf_slots in zip(
+        filtered, grafted, layout.plans, layout.slots, strict=True
+    ):
+        if not plan.preconditioned:
+            directions.append(leaf_grafted)
+            continue
+        dtype = _factor_dtype(leaf_grafted.dtype)
+        block_momenta = _blocks_of(leaf_filtered, plan, dtype)
+        block_grafts = _blocks_of(leaf_grafted, plan, dtype)
+        block_directions = []
+        for momentum, graft, slots in zip(block_momenta, block_grafts, leaf_slots, strict=True):
+            block_roots = [roots[slot.group][slot.index] for slot in slots]
+            block_directions.append(
+                _block_direction(config, momentum, graft, block_roots, ready[block_number])
+            )
+            block_number += 1
+        merged = _assemble(plan, block_directions)
+        preconditioned.append(len(directions))
+        directions.append(merged.reshape(plan.shape).astype(leaf_grafted.dtype))
+    if not preconditioned:
+        return directions, jnp.zeros([], jnp.bool_)
+    # An overflow anywhere (conceivable only with extreme roots) falls back to the
+    # grafted directions for the whole step, as the torch twin does per parameter group.
+    total = sum(jnp.sum(directions[i].astype(jnp.float32)) for i in preconditioned)
+    use_shampoo = started & jnp.isfinite(total)
+    for i in preconditioned:
+        directions[i] = jnp.where(use_shampoo, directions[i], grafted[i])
+    return directions, started & ~jnp.isfinite(total)
+
+
+def _block_direction(
+    config: ShampooConfig,
+    momentum: jax.Array,
+    graft: jax.Array,
+    block_roots: Sequence[jax.Array],
+    ready: jax.Array,
+) -> jax.Array:
+    direction = _precondition(momentum, block_roots)
+    if config.grafting != "none":
+        direction = direction * (_norm(graft) / (_norm(direction) + _NORM_FLOOR))
+    return jnp.where(ready, direction, graft)
+
+
+def _assemble(plan: ParameterPlan, blocks: list[jax.Array]) -> jax.Array:
+    """Writes block directions back into the parameter's merged shape."""
+    if len(blocks) == 1:
+        return blocks[0]
+    merged = jnp.zeros(plan.merged_shape, blocks[0].dtype)
+    for block, value in zip(plan.blocks, blocks, strict=True):
+        merged = merged.at[block.slices].set(value)
+    return merged
+
+
+def scale_by_ema_momentum(momentum: float, nesterov: bool = True) -> optax.GradientTransformation:
+    """b ← μ·b + (1−μ)·d, then d ← (1−μ)·d + μ·b (Nesterov) or d ← b.
+
+    Distributed Shampoo's momentum on the final direction (after weight decay).
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ShampooConfigError(f"momentum={momentum!r} must lie in [0, 1)")
+
+    def init_fn(params: optax.Params) -> EmaMomentumState:
+        return EmaMomentumState(momentum_buffer=jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(
+        updates: optax.Updates, state: EmaMomentumState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, EmaMomentumState]:
+        del params
+        buffer = jax.tree.map(
+            lambda d, b: b + (1.0 - momentum) * (d - b), updates, state.momentum_buffer
+        )
+        if nesterov:
+            updates = jax.tree.map(lambda d, b: d + momentum * (b - d), updates, buffer)
+        else:
+            updates = buffer
+        return updates, EmaMomentumState(momentum_buffer=buffer)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def skip_unusable_steps(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs ``inner`` only when every gradient leaf's norm is finite and below ``√max / 2``.
+
+    The torch twin's bound (9.2e18 in float32): under it every g² and every
+    new EMA statistic is finite. Otherwise the updates are zero, ``inner``'s
+    state is left as it was and ``skipped_steps`` grows. The choice is one
+    ``lax.cond``: no host synchronisation.
+    """
+
+    def init_fn(params: optax.Params) -> SkipUnusableStepsState:
+        return SkipUnusableStepsState(
+            skipped_steps=jnp.zeros([], jnp.int32), inner_state=inner.init(params)
+        )
+
+    def update_fn(
+        updates: optax.Updates, state: SkipUnusableStepsState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, SkipUnusableStepsState]:
+        usable = jnp.ones([], jnp.bool_)
+        for leaf in jax.tree.leaves(updates):
+            if leaf.size == 0:
+                continue
+            limit = math.sqrt(float(jnp.finfo(leaf.dtype).max)) / 2
+            # Below the limit the squared norm cannot overflow in float32; NaN and
+            # inf compare False.
+            norm = jnp.sqrt(jnp.sum(jnp.square(leaf.astype(jnp.float32))))
+            usable = usable & (norm < limit)
+        shapes = jax.eval_shape(inner.update, updates, state.inner_state, params)[0]
+
+        def run(operands: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+            return inner.update(*operands)
+
+        def skip(operands: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            return zeros, operands[1]
+
+        new_updates, inner_state = jax.lax.cond(
+            usable, run, skip, (updates, state.inner_state, params)
+        )
+        return new_updates, SkipUnusableStepsState(
+            skipped_steps=state.skipped_steps + (~usable).astype(jnp.int32),
+            inner_state=inner_state,
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def shampoo(
+    learning_rate: float | optax.Schedule, config: ShampooConfig | None = None
+) -> optax.GradientTransformation:
+    """Shampoo as an optax optimizer: θ ← θ − lr·momentum(d + wd·θ).
+
+    ``add_decayed_weights`` sees the params before the update, so with
+    momentum 0 the step is −lr·(d + wd·θ), as in the torch twin.
+    """
+    config = ShampooConfig() if config is None else config
+    if not callable(learning_rate) and not (math.isfinite(learning_rate) and learning_rate >= 0.0):
+        raise ShampooConfigError(f"learning_rate={learning_rate!r} must be a finite number >= 0")
+    transforms = [scale_by_shampoo(config)]
+    if config.weight_decay > 0.0:
+        transforms.append(optax.add_decayed_weights(config.weight_decay))
+    if config.momentum > 0.0:
+        transforms.append(scale_by_ema_momentum(config.momentum, nesterov=config.use_nesterov))
+    transforms.append(optax.scale_by_learning_rate(learning_rate))
+    return skip_unusable_steps(optax.chain(*transforms))
+
+
+# ---------------------------------------------------------------------- factory
+
+
+def shampoo_config_from_hyperparameters(hyperparameters: Any) -> ShampooConfig:
+    """A ShampooConfig from AlgoPerf v0.5 Distributed Shampoo hyperparameter names.
+
+    The same mapping as the torch twin's function of this name (a test holds
+    them equal): ``one_minus_beta2`` (or ``beta2``) sets both the factor and
+    the Adam grafting EMA; ``start_preconditioning_step`` −1 means
+    ``precondition_frequency``; ``use_nadam`` sets ``use_nesterov``, kept True
+    when β1 = 0, where it only affects the momentum, which the v0.5 submission
+    always ran Nesterov-style; ``communication_dtype`` and ``communicate_params``
+    are accepted and ignored.
+    """
+
+    def get(name: str) -> Any:
+        return lookup(hyperparameters, name, DEFAULT_HYPERPARAMETERS.get(name))
+
+    if lookup(hyperparameters, "one_minus_beta2", None) is None and (
+        lookup(hyperparameters, "beta2", None) is not None
+    ):
+        beta2 = float(lookup(hyperparameters, "beta2", None))
+    else:
+        beta2 = 1.0 - float(get("one_minus_beta2"))
+    grafting_type = str(get("grafting_type")).upper()
+    if grafting_type not in _GRAFTING_TYPES:
+        raise ShampooConfigError(
+            f"grafting_type={grafting_type!r} is not supported; expected one of "
+            f"{sorted(_GRAFTING_TYPES)}"
+        )
+    if float(get("exponent_multiplier")) != 1.0:
+        raise ShampooConfigError(
+            f"exponent_multiplier={get('exponent_multiplier')!r} is not supported; expected 1.0 "
+            "(use inv_root_override to change the root)"
+        )
+    if bool(get("use_normalized_grafting")):
+        raise ShampooConfigError("use_normalized_grafting=True is not supported; expected False")
+    precondition_frequency = int(get("precondition_frequency"))
+    start = int(get("start_preconditioning_step"))
+    if start == -1:
+        start = precondition_frequency
+    momentum = 1.0 - float(get("one_minus_momentum")) if bool(get("use_momentum")) else 0.0
+    beta1 = 1.0 - float(get("one_minus_beta1"))
+    use_nesterov = bool(get("use_nadam")) if beta1 > 0.0 else True
+    return ShampooConfig(
+        max_preconditioner_dim=int(get("max_preconditioner_dim")),
+        precondition_frequency=precondition_frequency,
+        start_preconditioning_step=start,
+        beta1=beta1,
+        beta2=beta2,
+        epsilon=float(get("epsilon")),
+        weight_decay=float(get("weight_decay")),
+        use_nesterov=use_nesterov,
+        use_bias_correction=True,
+        grafting=_GRAFTING_TYPES[grafting_type],  # type: ignore[arg-type]
+        grafting_beta2=beta2,
+        grafting_epsilon=float(get("grafting_epsilon")),
+        inv_root_override=int(get("inv_root_override")),
+        preconditioning_dim_limit=int(
+            lookup(hyperparameters, "preconditioning_dim_limit", 1_000_000)
+        ),
+        momentum=momentum,
+    )
+
+
+def make_shampoo(hyperparameters: Any, step_hint: int) -> optax.GradientTransformation:
+    """The optimizer the AlgoPerf JAX builder uses; ``hyperparameters`` may be None."""
+    config = shampoo_config_from_hyperparameters(hyperparameters)
+    return shampoo(shampoo_schedule(hyperparameters, step_hint), config)
+
+
+def shampoo_schedule(hyperparameters: Any, step_hint: int) -> optax.Schedule:
+    """The learning rate at a count of steps already taken, as the torch twin's scheduler.
+
+    Warmup then cosine decay to 0 over ``step_hint_factor · step_hint`` steps,
+    or a constant rate after warmup when ``use_cosine_decay`` is False.
+    """
+
+    def read(name: str) -> Any:
+        return lookup(hyperparameters, name, DEFAULT_HYPERPARAMETERS[name])
+
+    learning_rate = float(read("learning_rate"))
+    if not (math.isfinite(learning_rate) and learning_rate >= 0.0):
+        raise ShampooConfigError(f"learning_rate={learning_rate!r} must be a finite number >= 0")
+    horizon = max(1, int(float(read("step_hint_factor")) * step_hint))
+    warmup_factor = float(read("warmup_factor"))
+    if bool(read("use_cosine_decay")):
+        return warmup_cosine_schedule(learning_rate, warmup_factor, horizon)
+    warmup_steps = warmup_steps_for(warmup_factor, horizon)
+    if warmup_steps == 0:
+        return optax.constant_schedule(learning_rate)
+    return optax.linear_schedule(
+        init_value=0.0, end_value=learning_rate, transition_steps=warmup_steps
+    )

@@ -1,0 +1,750 @@
+"""Shampoo for PyTorch: blocked Kronecker-factored preconditioning with grafting.
+
+The algorithm follows Distributed Shampoo (Shi et al., 2023), the winner of
+AlgoPerf v0.5's external tuning track. One step, per parameter (t counts the
+steps this parameter has taken, from 1)::
+
+    g                                         raw gradient
+    m ← β1·m + (1−β1)·g                       filtered gradient (skipped when β1 = 0)
+    m̃ = (β1·m + (1−β1)·g) / (1−β1ᵗ)           NAdam look-ahead (use_nesterov), else m / (1−β1ᵗ)
+    v ← β2ᵍ·v + (1−β2ᵍ)·g²                    Adam grafting's second moment
+    a = m̃ / (√(v / (1−β2ᵍᵗ)) + εᵍ)            grafted direction (SGD grafting: a = m̃)
+
+and, per block B of a preconditioned parameter (see
+:mod:`polyak.optim.shampoo_blocking`), with one factor per block dimension::
+
+    Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ               mode-i unfolding of the raw gradient block
+    Qᵢ = (Lᵢ / (1−β2ᵗ))^(−1/(2k))             every precondition_frequency steps
+    p_B = m̃_B ×₁ Q₁ ×₂ … ×ₖ Qₖ                 Shampoo direction
+    d_B = p_B · ‖a_B‖ / ‖p_B‖                  grafted to the per-block norm of a
+
+then, for every parameter::
+
+    d ← d + wd·θ                               decoupled weight decay
+    b ← μ·b + (1−μ)·d;  d ← (1−μ)·d + μ·b      optional EMA momentum, Nesterov (μ = momentum)
+    θ ← θ − lr·d
+
+Where the first moment lives: β1 filters the gradient *before* preconditioning,
+as in Distributed Shampoo, so Shampoo and the grafted method see the same
+filtered gradient and the grafting norm is that of a proper (N)Adam step. The
+separate ``momentum`` acts on the final direction, also as in Distributed
+Shampoo. Weight decay enters that momentum; with ``momentum = 0`` it is exactly
+θ ← θ − lr·wd·θ.
+
+Before ``start_preconditioning_step`` (and for a block whose roots were never
+computed successfully) the grafted direction is used alone. Parameters with a
+dimension ``>= preconditioning_dim_limit`` and single-element parameters are
+grafted only and get no factor matrices.
+
+Numerics, chosen so that the optimizer never crashes and never writes a
+non-finite value into a parameter:
+
+- Factors are float32 (float64 for float64 parameters). An inverse root is
+  the eigendecomposition of the bias-corrected factor with each eigenvalue
+  replaced by ``max(λ, 0) + ε`` (negatives clamped to 0 first, then ε
+  added), raised to the root's power. A failed or non-finite eigh in float32
+  is retried in float64; if that fails too the previous root is kept and
+  ``root_failures`` of the block is incremented.
+- A parameter whose gradient norm is non-finite or at least half the square
+  root of its dtype's largest value (9.2e18 in float32) is left untouched for
+  that step, state and parameter alike, and its ``skipped_steps`` is
+  incremented. Below that bound every new statistic of an EMA (β2 < 1) is
+  finite, because a PSD factor's entries are bounded by its trace. Summed
+  statistics (β2 = 1) are also checked per block against their predicted
+  trace; a block that would overflow keeps its old statistics
+  (``skipped_statistics``). These checks cost one host synchronisation per
+  step.
+- If a Shampoo direction still overflows (only conceivable with extreme
+  roots), the step falls back to the grafted directions for the whole
+  parameter group (``direction_fallbacks``); one more synchronisation.
+
+Under ``torch.distributed`` (world size > 1) blocks are spread over ranks by
+:func:`~polyak.optim.shampoo_blocking.assign_blocks`. Each rank updates the
+statistics, roots and directions of its blocks only, writes the directions into
+a zero buffer and one ``all_reduce(SUM)`` per parameter group gives every rank
+every direction; adding zeros is exact, so the result equals single-process
+Shampoo bit for bit when the gradients are identical, as they are under DDP.
+The cheap elementwise parts run on every rank.
+
+Checkpoints: ``state_dict()`` holds the blocks this rank owns. In a single
+process that is everything and ``load_state_dict`` continues bit for bit.
+Under DDP, AlgoPerf saves rank 0's state only; after such a resume the blocks
+of other ranks restart their statistics (with a warning) and use the grafted
+direction until their next root computation.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from polyak.hyperparameters import lookup
+from polyak.optim.schedules import (
+    constant_multiplier,
+    warmup_cosine_multiplier,
+    warmup_steps_for,
+)
+from polyak.optim.shampoo_blocking import (
+    Block,
+    ParameterPlan,
+    assign_blocks,
+    plan_parameter,
+)
+from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
+
+__all__ = [
+    "DEFAULT_HYPERPARAMETERS",
+    "Shampoo",
+    "make_shampoo",
+    "shampoo_config_from_hyperparameters",
+]
+
+_LOG = logging.getLogger(__name__)
+
+# Keeps the grafting ratio ‖a‖ / ‖p‖ finite when the Shampoo direction vanishes.
+_NORM_FLOOR = 1e-16
+
+# The first point of the AlgoPerf v0.5 Distributed Shampoo external-tuning
+# submission (mlcommons/submissions_algorithms, previous_leaderboards/
+# algoperf_v05/submissions/external_tuning/shampoo_submission/
+# tuning_search_space.json). Used whole in the self-tuning ruleset
+# (hyperparameters=None) and per name when one is missing.
+DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
+    "learning_rate": 0.0017486387539278373,
+    "one_minus_beta1": 0.06733926164,
+    "one_minus_beta2": 0.00448403102,
+    "epsilon": 1e-08,
+    "one_minus_momentum": 0.0,
+    "use_momentum": False,
+    "weight_decay": 0.08121616522670176,
+    "max_preconditioner_dim": 1024,
+    "precondition_frequency": 100,
+    "start_preconditioning_step": -1,
+    "inv_root_override": 0,
+    "exponent_multiplier": 1.0,
+    "grafting_type": "ADAM",
+    "grafting_epsilon": 1e-08,
+    "use_normalized_grafting": False,
+    "communication_dtype": "FP32",
+    "communicate_params": True,
+    "use_cosine_decay": True,
+    "warmup_factor": 0.02,
+    "label_smoothing": 0.0,
+    "dropout_rate": 0.1,
+    "use_nadam": True,
+    "step_hint_factor": 1.0,
+}
+
+_GRAFTING_TYPES = {"ADAM": "adam", "SGD": "sgd", "NONE": "none"}
+
+
+class ShampooStateError(ValueError):
+    """A gradient or a loaded state that this optimizer cannot work with."""
+
+
+class Shampoo(torch.optim.Optimizer):
+    """Blocked Shampoo with Adam/SGD grafting (see the module docstring).
+
+    Args:
+        params: parameters or parameter groups. Groups may set ``lr`` and
+            ``weight_decay``; everything else comes from ``config``.
+        lr: learning rate (schedulers change ``param_groups[i]["lr"]``).
+        config: the Shampoo settings; ``ShampooConfig()`` when None.
+        process_group: the group to spread blocks over under
+            ``torch.distributed``; the default group when None.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        config: ShampooConfig | None = None,
+        *,
+        process_group: Any = None,
+    ) -> None:
+        config = ShampooConfig() if config is None else config
+        if not isinstance(config, ShampooConfig):
+            raise ShampooConfigError(f"config={config!r} must be a ShampooConfig")
+        if not (isinstance(lr, float | int) and lr >= 0.0):
+            raise ShampooConfigError(f"lr={lr!r} must be a number >= 0")
+        self.config = config
+        self._process_group = process_group
+        self._world_size, self._rank = _distributed_layout(process_group)
+        super().__init__(params, {"lr": float(lr), "weight_decay": config.weight_decay})
+        self._build_plan()
+
+    # ------------------------------------------------------------------ planning
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_plans"):  # after construction: re-plan and re-balance
+            self._build_plan()
+
+    def _build_plan(self) -> None:
+        params = self._all_params()
+        self._plans: dict[torch.Tensor, ParameterPlan] = {
+            p: plan_parameter(tuple(p.shape), self.config) for p in params
+        }
+        assignment = assign_blocks([self._plans[p] for p in params], self._world_size)
+        self._owned: dict[torch.Tensor, tuple[int, ...]] = {p: () for p in params}
+        for ref in assignment[self._rank]:
+            p = params[ref.parameter]
+            self._owned[p] = (*self._owned[p], ref.block)
+        for p in params:
+            if self.state.get(p):
+                self._reconcile_blocks(p)
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _factor_dtype(self, p: torch.Tensor) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def _new_block_state(self, p: torch.Tensor, block: Block) -> dict[str, Any]:
+        dtype = self._factor_dtype(p)
+        return {
+            "factors": [torch.zeros(d, d, dtype=dtype, device=p.device) for d in block.dims],
+            "roots": [torch.zeros(d, d, dtype=dtype, device=p.device) for d in block.dims],
+            "root_ok": [False] * block.order,
+            "root_failures": 0,
+            "skipped_statistics": 0,
+        }
+
+    def _init_state(self, p: torch.Tensor) -> None:
+        state = self.state[p]
+        if state:
+            return
+        config = self.config
+        state["step"] = 0
+        state["skipped_steps"] = 0
+        state["direction_fallbacks"] = 0
+        if config.beta1 > 0.0:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if config.grafting == "adam":
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if config.momentum > 0.0:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        plan = self._plans[p]
+        if plan.preconditioned:
+            state["blocks"] = {b: self._new_block_state(p, plan.blocks[b]) for b in self._owned[p]}
+
+    def _reconcile_blocks(self, p: torch.Tensor) -> int:
+        """Keeps exactly this rank's blocks; returns how many had to start afresh."""
+        plan = self._plans[p]
+        state = self.state[p]
+        if not plan.preconditioned:
+            state.pop("blocks", None)
+            return 0
+        blocks = state.setdefault("blocks", {})
+        for index in [b for b in blocks if b not in self._owned[p]]:
+            del blocks[index]
+        fresh = 0
+        for index in self._owned[p]:
+            block = plan.blocks[index]
+            if index not in blocks:
+                blocks[index] = self._new_block_state(p, block)
+                fresh += 1
+                continue
+            shapes = [tuple(f.shape) for f in blocks[index]["factors"]]
+            if shapes != [(d, d) for d in block.dims]:
+                raise ShampooStateError(
+                    f"loaded factors of block {index} of a parameter of shape {tuple(p.shape)} "
+                    f"have shapes {shapes}; this optimizer expects blocks {block.dims} "
+                    f"(max_preconditioner_dim={self.config.max_preconditioner_dim})"
+                )
+        return fresh
+
+    # ------------------------------------------------------------------ stepping
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for p in group["params"]:
+            if p.grad is None or p.numel() == 0:
+                continue
+            if p.grad.is_sparse:
+                raise ShampooStateError(
+                    f"a parameter of shape {tuple(p.shape)} has a sparse gradient; "
+                    "Shampoo needs dense gradients"
+                )
+            self._init_state(p)
+            params.append(p)
+            grads.append(p.grad)
+        params, grads, statistics_unsafe = self._screen_gradients(params, grads)
+        if not params:
+            return
+        steps = []
+        for p in params:
+            self.state[p]["step"] += 1
+            steps.append(self.state[p]["step"])
+
+        filtered = self._filtered_gradients(params, grads, steps)
+        grafted = self._grafted_directions(params, grads, filtered, steps)
+        self._update_preconditioners(params, grads, steps, statistics_unsafe)
+        directions = self._shampoo_directions(params, filtered, grafted, steps)
+
+        weight_decay = group["weight_decay"]
+        if weight_decay != 0.0:
+            directions = list(torch._foreach_add(directions, params, alpha=weight_decay))
+        momentum = self.config.momentum
+        if momentum > 0.0:
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(buffers, directions, 1.0 - momentum)
+            if self.config.use_nesterov:
+                directions = list(torch._foreach_lerp(directions, buffers, momentum))
+            else:
+                directions = buffers
+        torch._foreach_add_(params, directions, alpha=-group["lr"])
+
+    def _screen_gradients(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], set[tuple[torch.Tensor, int]]]:
+        """Drops parameters with unusable gradients; finds blocks whose statistics would overflow.
+
+        A gradient is usable when its norm is finite and below ``sqrt(max)/2``
+        of its dtype: then every g² is finite and every new factor of an EMA
+        (β2 < 1) stays below ``max/4``, because a factor's entries are bounded
+        by its trace (it is PSD) and the trace is a convex mix of ‖G‖² values.
+        Summed statistics (β2 = 1) can still grow past that bound; for them
+        the predicted trace of each owned block is checked too. One host
+        synchronisation covers everything.
+        """
+        if not params:
+            return params, grads, set()
+        norms = torch.stack([n.to(torch.float64) for n in torch._foreach_norm(grads)])
+        limits = torch.tensor(
+            [math.sqrt(torch.finfo(g.dtype).max) / 2 for g in grads],
+            dtype=torch.float64,
+            device=norms.device,
+        )
+        checks = [norms < limits]  # False for nan and inf too
+        owned: list[tuple[int, int]] = []
+        if self.config.beta2 == 1.0:
+            traces = []
+            for i, p in enumerate(params):
+                for index in self._owned[p] if self._plans[p].preconditioned else ():
+                    owned.append((i, index))
+                    factor = self.state[p]["blocks"][index]["factors"][0]
+                    traces.append(factor.diagonal().sum().to(torch.float64))
+            if traces:
+                factor_limit = torch.finfo(torch.float32).max / 4
+                positions = torch.tensor([i for i, _ in owned], device=norms.device)
+                checks.append(torch.stack(traces) + norms[positions] ** 2 < factor_limit)
+        flags = torch.cat(checks).tolist()
+        usable, safe = flags[: len(params)], flags[len(params) :]
+        unsafe = {(params[i], index) for (i, index), ok in zip(owned, safe, strict=True) if not ok}
+        if all(usable):
+            return params, grads, unsafe
+        kept_params, kept_grads = [], []
+        for p, g, ok in zip(params, grads, usable, strict=True):
+            if ok:
+                kept_params.append(p)
+                kept_grads.append(g)
+            else:
+                self.state[p]["skipped_steps"] += 1
+        return kept_params, kept_grads, unsafe
+
+    def _filtered_gradients(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], steps: list[int]
+    ) -> list[torch.Tensor]:
+        """m̃ for each parameter; read-only (it may alias a gradient or a state)."""
+        beta1 = self.config.beta1
+        if beta1 == 0.0:
+            return grads
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        if self.config.use_nesterov:
+            filtered = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
+        else:
+            filtered = exp_avgs
+        if self.config.use_bias_correction:
+            filtered = list(torch._foreach_div(filtered, [1.0 - beta1**t for t in steps]))
+        return filtered
+
+    def _grafted_directions(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        filtered: list[torch.Tensor],
+        steps: list[int],
+    ) -> list[torch.Tensor]:
+        """The grafted method's direction; read-only like ``filtered``."""
+        config = self.config
+        if config.grafting != "adam":
+            return filtered
+        beta2 = config.grafting_beta2
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        if config.use_bias_correction:
+            torch._foreach_div_(denominators, [math.sqrt(1.0 - beta2**t) for t in steps])
+        torch._foreach_add_(denominators, config.grafting_epsilon)
+        return list(torch._foreach_div(filtered, denominators))
+
+    def _preconditioning_starts(self) -> int:
+        return max(self.config.start_preconditioning_step, 1)
+
+    def _roots_due(self, step: int) -> bool:
+        start = self._preconditioning_starts()
+        return step >= start and (step - start) % self.config.precondition_frequency == 0
+
+    def _update_preconditioners(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        steps: list[int],
+        statistics_unsafe: set[tuple[torch.Tensor, int]],
+    ) -> None:
+        """Statistics of this rank's blocks every step; their roots when due."""
+        beta2 = self.config.beta2
+        for p, grad, step in zip(params, grads, steps, strict=True):
+            plan = self._plans[p]
+            if not plan.preconditioned:
+                continue
+            grad = grad.reshape(plan.merged_shape)
+            roots_due = self._roots_due(step)
+            for index in self._owned[p]:
+                block = plan.blocks[index]
+                block_state = self.state[p]["blocks"][index]
+                if (p, index) in statistics_unsafe:
+                    block_state["skipped_statistics"] += 1
+                else:
+                    _accumulate_statistics(
+                        block_state["factors"], grad[block.slices].to(self._factor_dtype(p)), beta2
+                    )
+                if roots_due:
+                    self._update_roots(block_state, block, step)
+
+    def _update_roots(self, block_state: dict[str, Any], block: Block, step: int) -> None:
+        config = self.config
+        correction = 1.0
+        if config.use_bias_correction and config.beta2 < 1.0:
+            correction = 1.0 - config.beta2**step
+        root = config.inv_root_override or 2 * block.order
+        for j, factor in enumerate(block_state["factors"]):
+            inverse_root = _inverse_root(factor / correction, root, config.epsilon)
+            if inverse_root is None:
+                block_state["root_failures"] += 1
+                continue
+            block_state["roots"][j].copy_(inverse_root)
+            block_state["root_ok"][j] = True
+
+    def _shampoo_directions(
+        self,
+        params: list[torch.Tensor],
+        filtered: list[torch.Tensor],
+        grafted: list[torch.Tensor],
+        steps: list[int],
+    ) -> list[torch.Tensor]:
+        """Per-block Shampoo directions grafted to the grafted method's block norms.
+
+        This rank's blocks are written into one flat buffer (zeros elsewhere
+        under DDP) that an all_reduce completes. Parameters that are grafted
+        only, or not yet preconditioning, keep the grafted direction.
+        """
+        start = self._preconditioning_starts()
+        active = [
+            i for i, p in enumerate(params) if self._plans[p].preconditioned and steps[i] >= start
+        ]
+        if not active:
+            return grafted
+        device = params[active[0]].device
+        buffer_dtype = functools.reduce(
+            torch.promote_types, (params[i].dtype for i in active), torch.float32
+        )
+        sizes = [params[i].numel() for i in active]
+        total = sum(sizes)
+        # A single process owns every block, and the blocks tile each parameter.
+        if self._world_size > 1:
+            buffer = torch.zeros(total, dtype=buffer_dtype, device=device)
+        else:
+            buffer = torch.empty(total, dtype=buffer_dtype, device=device)
+        segments = torch.split(buffer, sizes)
+
+        targets: list[torch.Tensor] = []
+        preconditioned: list[torch.Tensor] = []
+        graft_blocks: list[torch.Tensor] = []
+        for i, segment in zip(active, segments, strict=True):
+            p = params[i]
+            plan = self._plans[p]
+            dtype = self._factor_dtype(p)
+            view = segment.view(plan.merged_shape)
+            momentum = filtered[i].reshape(plan.merged_shape)
+            graft = grafted[i].reshape(plan.merged_shape)
+            for index in self._owned[p]:
+                block = plan.blocks[index]
+                block_state = self.state[p]["blocks"][index]
+                if all(block_state["root_ok"]):
+                    targets.append(view[block.slices])
+                    preconditioned.append(
+                        _precondition(momentum[block.slices].to(dtype), block_state["roots"])
+                    )
+                    graft_blocks.append(graft[block.slices])
+                else:  # no good root yet: the grafted direction alone
+                    view[block.slices] = graft[block.slices]
+        if preconditioned and self.config.grafting != "none":
+            norms = torch._foreach_norm(preconditioned + graft_blocks)
+            count = len(preconditioned)
+            shampoo_norms, graft_norms = norms[:count], norms[count:]
+            torch._foreach_add_(shampoo_norms, _NORM_FLOOR)
+            scales = torch._foreach_div(graft_norms, shampoo_norms)
+            torch._foreach_mul_(
+                preconditioned, [s.to(d.dtype) for s, d in zip(scales, preconditioned, strict=True)]
+            )
+        for target, direction in zip(targets, preconditioned, strict=True):
+            target.copy_(direction)
+        if self._world_size > 1:
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self._process_group)
+        # An overflow in some block's direction (conceivable only with extreme
+        # roots or gradients) would poison the parameters: fall back to the
+        # grafted directions for this step. Identical on every rank.
+        if not bool(torch.isfinite(buffer.sum())):
+            for i in active:
+                self.state[params[i]]["direction_fallbacks"] += 1
+            return grafted
+        directions = list(grafted)
+        for i, segment in zip(active, segments, strict=True):
+            directions[i] = segment.view(params[i].shape).to(params[i].dtype)
+        return directions
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["shampoo"] = {"world_size": self._world_size, "rank": self._rank}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A private copy: the base class would otherwise share tensors with the
+        # caller's dict, and it casts every tensor to the parameter's dtype,
+        # which would turn float32 factors of bf16 parameters (and our integer
+        # counters) lossy; those dtypes are restored from the copy below.
+        saved = copy.deepcopy(state_dict)
+        super().load_state_dict(saved)
+        fresh = 0
+        for index, p in enumerate(self._all_params()):
+            if index in saved["state"]:
+                self.state[p] = _restore_dtypes(self.state[p], saved["state"][index], p.device)
+                fresh += self._reconcile_blocks(p)
+        if fresh:
+            _LOG.warning(
+                "Shampoo: %d preconditioner block(s) of rank %d were not in the loaded state "
+                "(saved by rank %s of %s); their statistics restart from zero",
+                fresh,
+                self._rank,
+                state_dict.get("shampoo", {}).get("rank", "?"),
+                state_dict.get("shampoo", {}).get("world_size", "?"),
+            )
+
+    def diagnostics(self) -> dict[str, int]:
+        """Counters of this rank (root failures, skipped statistics and steps, memory)."""
+        counters = {
+            "root_failures": 0,
+            "skipped_statistics": 0,
+            "skipped_steps": 0,
+            "direction_fallbacks": 0,
+            "preconditioned_blocks": 0,
+            "factor_elements": 0,
+        }
+        for state in self.state.values():
+            counters["skipped_steps"] += state.get("skipped_steps", 0)
+            counters["direction_fallbacks"] += state.get("direction_fallbacks", 0)
+            for block_state in state.get("blocks", {}).values():
+                counters["preconditioned_blocks"] += 1
+                counters["root_failures"] += block_state["root_failures"]
+                counters["skipped_statistics"] += block_state["skipped_statistics"]
+                counters["factor_elements"] += sum(
+                    f.numel() for f in block_state["factors"] + block_state["roots"]
+                )
+        return counters
+
+
+# ---------------------------------------------------------------------- math
+
+
+def _accumulate_statistics(factors: list[torch.Tensor], block: torch.Tensor, beta2: float) -> None:
+    """Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ in place (Lᵢ ← Lᵢ + G₍ᵢ₎G₍ᵢ₎ᵀ when β2 = 1)."""
+    decay, weight = (beta2, 1.0 - beta2) if beta2 < 1.0 else (1.0, 1.0)
+    if block.dim() == 1:
+        factors[0].addr_(block, block, beta=decay, alpha=weight)
+    elif block.dim() == 2:
+        factors[0].addmm_(block, block.T, beta=decay, alpha=weight)
+        factors[1].addmm_(block.T, block, beta=decay, alpha=weight)
+    else:
+        modes = list(range(block.dim()))
+        for i, factor in enumerate(factors):
+            others = [d for d in modes if d != i]
+            factor.mul_(decay).add_(
+                torch.tensordot(block, block, dims=(others, others)), alpha=weight
+            )
+
+
+def _inverse_root(matrix: torch.Tensor, root: int, epsilon: float) -> torch.Tensor | None:
+    """``matrix^(−1/root)`` of a symmetric PSD matrix, or None if it cannot be had."""
+    dtypes = [torch.float64] if matrix.dtype == torch.float64 else [matrix.dtype, torch.float64]
+    for dtype in dtypes:
+        try:
+            eigenvalues, eigenvectors = torch.linalg.eigh(matrix.to(dtype))
+        except RuntimeError:  # torch.linalg.LinAlgError and friends
+            continue
+        scales = eigenvalues.clamp(min=0.0).add(epsilon).pow(-1.0 / root)
+        result = (eigenvectors * scales) @ eigenvectors.T
+        if bool(torch.isfinite(result).all()):
+            return result.to(matrix.dtype)
+    return None
+
+
+def _precondition(block: torch.Tensor, roots: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``block ×₁ Q₁ ×₂ … ×ₖ Qₖ`` with symmetric Qᵢ."""
+    if block.dim() == 1:
+        return roots[0] @ block
+    if block.dim() == 2:
+        return roots[0] @ block @ roots[1]
+    result = block
+    for root in roots:  # each contraction moves the next mode to the front
+        result = torch.tensordot(result, root, dims=([0], [0]))
+    return result
+
+
+def _restore_dtypes(loaded: Any, saved: Any, device: torch.device) -> Any:
+    if isinstance(loaded, torch.Tensor):
+        return loaded if loaded.dtype == saved.dtype else saved.to(device)
+    if isinstance(loaded, dict):
+        return {k: _restore_dtypes(v, saved[k], device) for k, v in loaded.items()}
+    if isinstance(loaded, list):
+        return [_restore_dtypes(v, s, device) for v, s in zip(loaded, saved, strict=True)]
+    return loaded
+
+
+def _distributed_layout(process_group: Any) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(process_group), dist.get_rank(process_group)
+
+
+# ---------------------------------------------------------------------- factory
+
+
+def shampoo_config_from_hyperparameters(hyperparameters: Any) -> ShampooConfig:
+    """A ShampooConfig from AlgoPerf v0.5 Distributed Shampoo hyperparameter names.
+
+    ``one_minus_beta2`` (or ``beta2``) sets both the factor and the Adam
+    grafting EMA, as in the v0.5 submission; ``start_preconditioning_step``
+    −1 means ``precondition_frequency``; ``use_nadam`` sets ``use_nesterov``
+    (kept True when β1 = 0, where it only affects the momentum, which the
+    submission always ran Nesterov-style). ``communication_dtype`` and
+    ``communicate_params`` are accepted and ignored (directions are exchanged
+    in float32).
+    """
+
+    def get(name: str) -> Any:
+        return lookup(hyperparameters, name, DEFAULT_HYPERPARAMETERS.get(name))
+
+    if lookup(hyperparameters, "one_minus_beta2", None) is None and (
+        lookup(hyperparameters, "beta2", None) is not None
+    ):
+        beta2 = float(lookup(hyperparameters, "beta2", None))
+    else:
+        beta2 = 1.0 - float(get("one_minus_beta2"))
+    grafting_type = str(get("grafting_type")).upper()
+    if grafting_type not in _GRAFTING_TYPES:
+        raise ShampooConfigError(
+            f"grafting_type={grafting_type!r} is not supported; expected one of "
+            f"{sorted(_GRAFTING_TYPES)}"
+        )
+    if float(get("exponent_multiplier")) != 1.0:
+        raise ShampooConfigError(
+            f"exponent_multiplier={get('exponent_multiplier')!r} is not supported; expected 1.0 "
+            "(use inv_root_override to change the root)"
+        )
+    if bool(get("use_normalized_grafting")):
+        raise ShampooConfigError("use_normalized_grafting=True is not supported; expected False")
+    precondition_frequency = int(get("precondition_frequency"))
+    start = int(get("start_preconditioning_step"))
+    if start == -1:
+        start = precondition_frequency
+    momentum = 1.0 - float(get("one_minus_momentum")) if bool(get("use_momentum")) else 0.0
+    beta1 = 1.0 - float(get("one_minus_beta1"))
+    # One flag serves both look-aheads. The v0.5 submission always used
+    # Nesterov momentum and toggled NAdam with use_nadam; use_nadam only
+    # matters when β1 > 0, so β1 = 0 (its SGD point) keeps Nesterov momentum.
+    use_nesterov = bool(get("use_nadam")) if beta1 > 0.0 else True
+    return ShampooConfig(
+        max_preconditioner_dim=int(get("max_preconditioner_dim")),
+        precondition_frequency=precondition_frequency,
+        start_preconditioning_step=start,
+        beta1=beta1,
+        beta2=beta2,
+        epsilon=float(get("epsilon")),
+        weight_decay=float(get("weight_decay")),
+        use_nesterov=use_nesterov,
+        use_bias_correction=True,
+        grafting=_GRAFTING_TYPES[grafting_type],  # type: ignore[arg-type]
+        grafting_beta2=beta2,
+        grafting_epsilon=float(get("grafting_epsilon")),
+        inv_root_override=int(get("inv_root_override")),
+        preconditioning_dim_limit=int(
+            lookup(hyperparameters, "preconditioning_dim_limit", 1_000_000)
+        ),
+        momentum=momentum,
+    )
+
+
+def make_shampoo(
+    params: Iterable[torch.Tensor],
+    hyperparameters: Any,
+    step_hint: int,
+) -> tuple[Shampoo, torch.optim.lr_scheduler.LRScheduler]:
+    """Shampoo and its warmup + cosine schedule, from AlgoPerf hyperparameters.
+
+    The schedule's horizon is ``step_hint_factor · step_hint`` (as in the v0.5
+    submission); with ``use_cosine_decay`` False the rate stays at its peak
+    after warmup. Call ``optimizer.step()`` then ``scheduler.step()`` once per
+    training step.
+    """
+    config = shampoo_config_from_hyperparameters(hyperparameters)
+    learning_rate = float(
+        lookup(hyperparameters, "learning_rate", DEFAULT_HYPERPARAMETERS["learning_rate"])
+    )
+    optimizer = Shampoo(params, lr=learning_rate, config=config)
+    step_hint_factor = float(
+        lookup(hyperparameters, "step_hint_factor", DEFAULT_HYPERPARAMETERS["step_hint_factor"])
+    )
+    horizon = max(1, int(step_hint_factor * step_hint))
+    warmup_factor = float(
+        lookup(hyperparameters, "warmup_factor", DEFAULT_HYPERPARAMETERS["warmup_factor"])
+    )
+    warmup_steps = warmup_steps_for(warmup_factor, horizon)
+    use_cosine = bool(
+        lookup(hyperparameters, "use_cosine_decay", DEFAULT_HYPERPARAMETERS["use_cosine_decay"])
+    )
+    multiplier = warmup_cosine_multiplier if use_cosine else constant_multiplier
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        functools.partial(_schedule, multiplier, warmup_steps=warmup_steps, step_hint=horizon),
+    )
+    return optimizer, scheduler
+
+
+def _schedule(
+    multiplier: Callable[[int, int, int], float], count: int, *, warmup_steps: int, step_hint: int
+) -> float:
+    return multiplier(count, warmup_steps, step_hint)
