@@ -38,9 +38,16 @@ flags.DEFINE_string(
     "pytorch | jax (algoperf suite); pytorch, jax, both or a comma list (embedded).",
 )
 flags.DEFINE_string(
-    "submission", "nadamw", "nadamw | shampoo | a path to submission.py (embedded: a comma list)."
+    "submission",
+    None,
+    "nadamw | shampoo | a path to submission.py (embedded: a comma list; default both; "
+    "algoperf: default nadamw).",
 )
-flags.DEFINE_string("averaging", "none,lawa,ema", "Embedded suite: comma list of none,lawa,ema.")
+flags.DEFINE_string(
+    "averaging",
+    "none,lawa,ema",
+    "Embedded suite: comma list of none,lawa,ema,twa (twa: PyTorch only).",
+)
 flags.DEFINE_string(
     "tuning_search_space",
     None,
@@ -102,7 +109,7 @@ def run_embedded() -> int:
         absl_logging.set_verbosity(absl_logging.WARNING)
 
     settings = EmbeddedSettings(
-        submissions=tuple(_split(FLAGS.submission)),
+        submissions=tuple(_split(FLAGS.submission or "nadamw,shampoo")),
         frameworks=_embedded_frameworks(FLAGS.framework),
         averaging=tuple(_split(FLAGS.averaging)),
         workloads=FLAGS.workloads,
@@ -125,7 +132,7 @@ def _algoperf_settings() -> RunSettings:
         raise RunnerError(
             f"--framework={FLAGS.framework!r}; the algoperf suite needs pytorch or jax"
         )
-    submissions = _split(FLAGS.submission)
+    submissions = _split(FLAGS.submission or "nadamw")
     if len(submissions) != 1:
         raise RunnerError(f"--submission={FLAGS.submission!r}; the algoperf suite takes one")
     return RunSettings(

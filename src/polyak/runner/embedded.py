@@ -8,7 +8,7 @@ seeds x tuning trials:
   ``submissions/<name>/<framework>/submission.py``, loaded by file path;
 - its hyperparameters are the k-th point of ``tuning_search_spaces/<name>.json``
   (or ``--tuning_search_space``), with the averaging mode merged in as an
-  override: ``{"averaging": "none" | "lawa" | "ema"}``;
+  override: ``{"averaging": "none" | "lawa" | "ema" | "twa"}`` (twa: PyTorch only);
 - the run's *label* is the submission's name plus the mode (``nadamw``,
   ``nadamw_lawa``, ``nadamw_ema``), and each seed is one study.
 
@@ -62,7 +62,9 @@ from polyak.runner.workload_table import (
     select_workloads,
 )
 
-AVERAGING_MODES: tuple[str, ...] = ("none", "lawa", "ema")
+AVERAGING_MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
+# TWA is implemented for PyTorch only; a grid asking for it skips the JAX cells.
+TORCH_ONLY_MODES: tuple[str, ...] = ("twa",)
 Emit = Callable[[str], None]
 
 
@@ -70,7 +72,7 @@ Emit = Callable[[str], None]
 class EmbeddedSettings:
     submissions: tuple[str, ...] = ("nadamw",)
     frameworks: tuple[str, ...] = FRAMEWORKS
-    averaging: tuple[str, ...] = AVERAGING_MODES
+    averaging: tuple[str, ...] = ("none", "lawa", "ema")
     workloads: str | tuple[str, ...] = "all"
     seeds: tuple[int, ...] = (0,)
     num_tuning_trials: int = 1
@@ -168,6 +170,8 @@ def plan_runs(
         for framework in settings.frameworks:
             path = resolve_submission(submission, framework, repo_root)
             for averaging in settings.averaging:
+                if averaging in TORCH_ONLY_MODES and framework != "pytorch":
+                    continue
                 for seed in settings.seeds:
                     points = space.draw(settings.num_tuning_trials, seed=seed)
                     for workload in workload_names:
