@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
+from averaging_reference import averaging_settings, reference_average
 from polyak.averaging import jax_backend
 from polyak.averaging.config import AveragingConfig
 
@@ -24,29 +24,13 @@ def _flat(tree: object) -> np.ndarray:
     return np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in jax.tree.leaves(tree)])
 
 
-def reference_average(config: AveragingConfig, collected: list[np.ndarray]) -> np.ndarray:
-    if config.mode == "lawa":
-        return np.mean(collected[-config.window :], axis=0)
-    ema = collected[0]
-    for w in collected[1:]:
-        ema = config.beta * ema + (1 - config.beta) * w
-    return ema
-
-
 def _sequence(steps: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [_params(rng) for _ in range(steps)]
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    mode=st.sampled_from(["lawa", "ema"]),
-    every=st.integers(1, 4),
-    window=st.integers(1, 5),
-    beta=st.floats(0.05, 0.99),
-    steps=st.integers(0, 25),
-    seed=st.integers(0, 100),
-)
+@given(**averaging_settings)
 def test_matches_definitions(
     mode: str, every: int, window: int, beta: float, steps: int, seed: int
 ) -> None:

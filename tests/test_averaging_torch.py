@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
+from averaging_reference import averaging_settings, reference_average
 from polyak.averaging.config import AveragingConfig
 from polyak.averaging.torch_backend import TorchAverager
 
@@ -31,16 +31,6 @@ def _flat(tensors: list[torch.Tensor]) -> np.ndarray:
     return np.concatenate([t.detach().double().reshape(-1).numpy() for t in tensors])
 
 
-def reference_average(config: AveragingConfig, collected: list[np.ndarray]) -> np.ndarray:
-    """LAWA: mean of the last L collected; EMA: the explicit recursion from the first."""
-    if config.mode == "lawa":
-        return np.mean(collected[-config.window :], axis=0)
-    ema = collected[0]
-    for w in collected[1:]:
-        ema = config.beta * ema + (1 - config.beta) * w
-    return ema
-
-
 def run_and_compare(config: AveragingConfig, steps: int, seed: int) -> None:
     model = _model()
     averager = TorchAverager(config, model)
@@ -60,14 +50,7 @@ def run_and_compare(config: AveragingConfig, steps: int, seed: int) -> None:
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    mode=st.sampled_from(["lawa", "ema"]),
-    every=st.integers(1, 5),
-    window=st.integers(1, 6),
-    beta=st.floats(0.05, 0.99),
-    steps=st.integers(0, 40),
-    seed=st.integers(0, 1000),
-)
+@given(**averaging_settings)
 def test_matches_definitions(
     mode: str, every: int, window: int, beta: float, steps: int, seed: int
 ) -> None:

@@ -28,10 +28,9 @@ accelerator programs' inputs, but the pytree keeps the same structure.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -42,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from polyak.algoperf import spec
+from polyak.algoperf.api import Submission, data_selection, should_log
 from polyak.algoperf.batch_sizes import get_batch_size
 from polyak.algoperf.defaults import resolve_hyperparameters, self_tuning_placement
 from polyak.averaging import jax_backend, monitoring
@@ -51,22 +51,6 @@ OptimizerFactory = Callable[[Any, int], optax.GradientTransformation]
 PyTree = Any
 
 _GRAD_CLIP_EPS = 1e-6
-
-
-@dataclasses.dataclass(frozen=True)
-class Submission:
-    """AlgoPerf's submission API, as plain functions with v0.6 signatures."""
-
-    init_optimizer_state: Callable[..., Any]
-    update_params: Callable[..., Any]
-    prepare_for_eval: Callable[..., Any]
-    get_batch_size: Callable[[str], int]
-    data_selection: Callable[..., Any]
-
-
-def _should_log(global_step: int) -> bool:
-    # The baseline's cadence; reading the loss back stalls the device queue.
-    return global_step <= 100 or global_step % 500 == 0
 
 
 class TrainPrograms:
@@ -369,7 +353,7 @@ def build_submission(
                 model_state, state, params, batch, rng
             )
         programs.remember_swapped(state["swapped"], False)
-        if _should_log(global_step):
+        if should_log(global_step):
             _log_training_metrics(workload, loss, grad_norm, state, global_step, programs)
         return (state, programs), params, model_state
 
@@ -407,20 +391,6 @@ def build_submission(
         programs.timings.record("swap", time.perf_counter() - start)
         programs.remember_swapped(state["swapped"], True)
         return (state, programs), params, model_state
-
-    def data_selection(
-        workload: spec.Workload,
-        input_queue: Iterator[dict[str, Any]],
-        optimizer_state: Any,
-        current_param_container: PyTree,
-        model_state: PyTree,
-        hyperparameters: Any,
-        global_step: int,
-        rng: Any,
-    ) -> dict[str, Any]:
-        del workload, optimizer_state, current_param_container, model_state
-        del hyperparameters, global_step, rng
-        return next(input_queue)
 
     return Submission(
         init_optimizer_state=init_optimizer_state,

@@ -12,8 +12,7 @@ averaging evaluated through ``prepare_for_eval``.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from absl import logging
 
 from polyak.algoperf import spec
+from polyak.algoperf.api import Submission, data_selection, should_log
 from polyak.algoperf.batch_sizes import get_batch_size
 from polyak.algoperf.defaults import resolve_hyperparameters, self_tuning_placement
 from polyak.averaging.config import AveragingConfig
@@ -32,25 +32,8 @@ OptimizerFactory = Callable[
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Submission:
-    """AlgoPerf's submission API, as plain functions with v0.6 signatures."""
-
-    init_optimizer_state: Callable[..., Any]
-    update_params: Callable[..., Any]
-    prepare_for_eval: Callable[..., Any]
-    get_batch_size: Callable[[str], int]
-    data_selection: Callable[..., Any]
-
-
 def _use_ddp() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _should_log(global_step: int) -> bool:
-    # The baseline's cadence: the first 100 steps, then every 500. Logging
-    # reads values back to the host, which would stall every step otherwise.
-    return global_step <= 100 or global_step % 500 == 0
 
 
 def build_submission(
@@ -131,7 +114,7 @@ def build_submission(
         averager.collect(global_step + 1)
         averager.remember_batch(batch)  # TWA fits on recent batches; others ignore it
 
-        if _should_log(global_step):
+        if should_log(global_step):
             _log_training_metrics(workload, model, loss, averager, global_step)
         return optimizer_state, current_param_container, new_model_state
 
@@ -158,20 +141,6 @@ def build_submission(
         # TWA fits here, inside prepare_for_eval: its time is submission time.
         averager.swap_in_average(fit_context=fit_context)
         return optimizer_state, current_param_container, model_state
-
-    def data_selection(
-        workload: spec.Workload,
-        input_queue: Iterator[dict[str, Any]],
-        optimizer_state: dict[str, Any],
-        current_param_container: torch.nn.Module,
-        model_state: Any,
-        hyperparameters: Any,
-        global_step: int,
-        rng: Any,
-    ) -> dict[str, Any]:
-        del workload, optimizer_state, current_param_container, model_state
-        del hyperparameters, global_step, rng
-        return next(input_queue)
 
     return Submission(
         init_optimizer_state=init_optimizer_state,
