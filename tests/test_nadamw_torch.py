@@ -110,9 +110,11 @@ def _memory_format(param: torch.Tensor) -> torch.memory_format:
 
 
 def use_implementation(optimizer: torch.optim.Optimizer, implementation: str) -> None:
+    """Selects "single", "foreach", "fused", or "auto" (both flags None: the default)."""
     for group in optimizer.param_groups:
-        group["foreach"] = implementation == "foreach"
-        group["fused"] = implementation == "fused"
+        auto = implementation == "auto"
+        group["foreach"] = None if auto else implementation == "foreach"
+        group["fused"] = None if auto else implementation == "fused"
 
 
 def assert_close_to(
@@ -139,7 +141,7 @@ def compiled_kernel_or_skip() -> None:
     """Compiles the real kernel for CPU float32 (once per process) or skips."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        works = nadamw_torch._kernel_works(torch.device("cpu"), torch.float32)
+        works = nadamw_torch._kernel_works(torch.device("cpu"), torch.float32, requested=True)
     if not works:
         reason = nadamw_torch._KERNEL_STATUS[("cpu", torch.float32)]
         pytest.skip(f"torch.compile unavailable here: {reason}")
@@ -356,6 +358,22 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPat
     foreach, _ = _train("foreach", torch.float64, num_steps=5)
     for a, b in zip(fused, foreach):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compile_disabled_is_quiet_unless_fused_was_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    monkeypatch.setattr(nadamw_torch, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto, _ = _train("auto", torch.float64, num_steps=3)
+    with pytest.warns(RuntimeWarning, match="TORCH_COMPILE_DISABLE"):
+        fused, _ = _train("fused", torch.float64, num_steps=3)
+    foreach, _ = _train("foreach", torch.float64, num_steps=3)
+    for a, b, c in zip(auto, fused, foreach):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
 
 
 def test_wrong_kernel_is_rejected_by_the_self_check(monkeypatch: pytest.MonkeyPatch) -> None:

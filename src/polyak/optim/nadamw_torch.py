@@ -18,9 +18,11 @@ Layout follows ``torch.optim``: :class:`NAdamW` only gathers state; the math liv
 grouped by device and dtype) and :func:`_fused_nadamw`. The fused path runs the whole
 update in one pass over memory per tensor, through a ``torch.compile``-d kernel:
 foreach needs about a dozen passes, and on CPU the update is bound by memory bandwidth.
-That kernel is compiled once per (device type, dtype) on first use (seconds to tens of
-seconds, depending on the machine), checked against a float64 reference on a tiny
-problem, and replaced by the foreach path with a single warning if either step fails.
+It takes flat 1-D aliases of up to ``COMPILED_BUCKET_SIZE`` tensors per call, so one
+graph with dynamic sizes serves any model. It is compiled once per (device type, dtype)
+on first use (seconds to tens of seconds, depending on the machine and on inductor's
+on-disk cache), checked against a float64 reference on a tiny problem, and replaced by
+the foreach path with a single warning if either step fails.
 
 :func:`make_nadamw` builds the optimizer and AlgoPerf's warmup + cosine schedule from
 one point of the tuning search space (or the self-tuning defaults).
@@ -32,7 +34,7 @@ import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -46,6 +48,7 @@ __all__ = [
     "DEFAULT_HYPERPARAMETERS",
     "EPSILON",
     "NAdamW",
+    "NAdamWHyperparameterError",
     "make_nadamw",
     "nadamw",
 ]
@@ -69,6 +72,12 @@ EPSILON = 1e-8
 # and guard overhead, while compile time grows with the tensors one graph holds. With
 # 16, a 120-tensor model takes 8 calls a step and compiles about as fast as with 8.
 COMPILED_BUCKET_SIZE = 16
+
+# A CPU bucket with fewer elements in all runs on one thread. The compiled kernel ends
+# each of its loops (padding included) with a thread barrier, so a bucket needs the
+# work of a full bucket of tensors at ATen's grain size (at::internal::GRAIN_SIZE,
+# 32768) to pay for them.
+_PARALLEL_MIN_BUCKET_NUMEL = COMPILED_BUCKET_SIZE * 32768
 
 # Device types on which ``fused=None`` tries the compiled kernel (inductor backends).
 _COMPILE_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu"})
@@ -114,9 +123,11 @@ class NAdamW(torch.optim.Optimizer):
         eps: added to √v̂.
         weight_decay: decoupled, multiplied by the current ``lr``.
         foreach: use ``torch._foreach_*`` kernels (default when not fused).
-        fused: use the ``torch.compile``-d one-pass kernel. ``None`` (default) uses it on
-            CPU, CUDA and XPU unless ``foreach`` is given; a kernel that fails to
-            compile or to match the reference falls back to foreach with one warning.
+        fused: use the ``torch.compile``-d one-pass kernel. ``None`` (default) uses it
+            unless ``foreach`` is given, where inductor runs (CPU, CUDA, XPU) and
+            ``torch.compile`` is not disabled, and quietly uses foreach elsewhere.
+            ``True`` warns once where it cannot be used. A kernel that fails to compile
+            or to match the reference falls back to foreach with one warning.
 
     State per parameter: ``step`` (a float32 scalar tensor on CPU, exact up to 2**24
     steps; every path reads it on the host, so a GPU step never waits for the device),
@@ -228,6 +239,7 @@ class NAdamW(torch.optim.Optimizer):
             if isinstance(value, Tensor)
         }
         super().load_state_dict(state_dict)
+        self._flat_cache.clear()  # it would keep the replaced moments alive
         for group in self.param_groups:
             for param in group["params"]:
                 state = self.state.get(param)
@@ -266,10 +278,8 @@ def nadamw(
         raise TypeError("NAdamW: state_steps must be scalar tensors")
     lists = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(state_steps))
     hyper = {"beta1": beta1, "beta2": beta2, "lr": lr, "weight_decay": weight_decay, "eps": eps}
-    if fused is None and foreach is None:
-        fused = True
-    if fused:
-        _fused_nadamw(*lists, **hyper, flat_cache=flat_cache)
+    if fused or (fused is None and foreach is None):
+        _fused_nadamw(*lists, **hyper, flat_cache=flat_cache, requested=bool(fused))
     elif foreach is None or foreach:
         _multi_tensor_nadamw(*lists, **hyper)
     else:
@@ -348,6 +358,9 @@ def _group_by_device_and_dtype(
     *tensor_lists: list[Tensor],
 ) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
     """Splits parallel lists by the (device, dtype) of the first list, keeping order."""
+    keys = {(param.device, param.dtype) for param in tensor_lists[0]}
+    if len(keys) == 1:  # the common case, without a Python loop over every tensor
+        return {keys.pop(): [list(tensors) for tensors in tensor_lists]}
     groups: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
     for index, param in enumerate(tensor_lists[0]):
         lists = groups.setdefault((param.device, param.dtype), [[] for _ in tensor_lists])
@@ -400,6 +413,7 @@ def _nadamw_kernel(
 # (device type, dtype) -> None when the compiled kernel works there, else the reason.
 _KERNEL_STATUS: dict[tuple[str, torch.dtype], str | None] = {}
 _PADDING: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+_WARNED: set[str] = set()
 
 
 @functools.lru_cache(maxsize=1)
@@ -418,9 +432,13 @@ def _compiled_kernel() -> Callable[..., None]:
         # The inputs are flat views we build ourselves; checking 64 of them costs more
         # per call than the kernel on small tensors.
         options["size_asserts"] = False
-    if hasattr(cpp_config, "enable_floating_point_contract_flag"):
+    contract_flag = getattr(cpp_config, "enable_floating_point_contract_flag", None)
+    if contract_flag is not None:
         # Fused multiply-adds: fewer instructions per element, and no less accurate.
-        options["cpp.enable_floating_point_contract_flag"] = "fast"
+        # (A bool in some torch releases, the -ffp-contract value in others.)
+        options["cpp.enable_floating_point_contract_flag"] = (
+            True if isinstance(contract_flag, bool) else "fast"
+        )
     return torch.compile(_nadamw_kernel, fullgraph=True, dynamic=True, options=options)
 
 
@@ -488,6 +506,8 @@ class _FlatEntry(NamedTuple):
         # never reuse the old address.
         return (
             self.param_pointer == param.data_ptr()
+            and self.stride == param.stride()
+            and self.param_flat.numel() == param.numel()
             and self.exp_avg is exp_avg
             and self.exp_avg_sq is exp_avg_sq
         )
@@ -540,6 +560,7 @@ def _run_compiled_buckets(
     lr: float,
     weight_decay: float,
     eps: float,
+    allow_serial: bool = True,
 ) -> tuple[int, Exception | None]:
     """Updates ``flat`` bucket by bucket: (how many tensors it updated, the failure).
 
@@ -566,7 +587,9 @@ def _run_compiled_buckets(
     failure: Exception | None = None
     try:
         kernel = _compiled_kernel()
-        with _compile_config():
+        # Grad mode is part of what a compiled graph is guarded on: fix it, so that the
+        # self-check and a functional call with grad enabled share the optimizer's graph.
+        with torch.no_grad(), _compile_config():
             for start in range(0, len(flat), size):
                 bucket = flat[start : start + size]
                 bucket_rows = rows[start : start + size]
@@ -578,13 +601,35 @@ def _run_compiled_buckets(
                 coefficients = torch.tensor(bucket_rows, dtype=coefficient_dtype).to(
                     device, non_blocking=True
                 )
-                kernel(*lists, coefficients)
+                serial = (
+                    allow_serial
+                    and device.type == "cpu"
+                    and sum(aliases[0].numel() for aliases in bucket) < _PARALLEL_MIN_BUCKET_NUMEL
+                )
+                with _single_thread() if serial else contextlib.nullcontext():
+                    kernel(*lists, coefficients)
                 updated += len(bucket)
     except Exception as error:  # compile failures surface as many exception types
         failure = error
     if updated:
         torch._foreach_add_(steps[:updated], 1.0)
     return updated, failure
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    # The compiled CPU kernel opens an OpenMP region whatever the sizes (inductor has no
+    # run-time cut-off), and each of its loops ends in a barrier: microseconds on an
+    # idle machine, milliseconds on an oversubscribed one. Small buckets skip threads.
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _describe(error: Exception) -> str:
@@ -604,12 +649,13 @@ def _check_compiled_kernel(device: torch.device, dtype: torch.dtype) -> str | No
 
     state64 = [random_list(1.0), random_list(1.0), random_list(0.1), random_list(0.1, True)]
     steps64 = [torch.full((), float(2 + index), dtype=torch.float32) for index in range(len(sizes))]
-    steps = [s.clone().to(device) for s in steps64]
+    steps = [s.clone() for s in steps64]
     tensors = [[t.to(device=device, dtype=dtype) for t in role] for role in state64]
     # The reference starts from the same rounded values the kernel sees.
     state64 = [[t.to("cpu", torch.float64, copy=True) for t in role] for role in tensors]
     flat = [(p, g, m, v) for p, g, m, v in zip(*tensors)]
-    _, failure = _run_compiled_buckets(flat, steps, **hyper)
+    # Compiled at the caller's thread count: inductors without dynamic_threads bake it in.
+    _, failure = _run_compiled_buckets(flat, steps, **hyper, allow_serial=False)
     if failure is not None:
         return _describe(failure)
     _single_tensor_nadamw(*state64, steps64, **hyper)
@@ -625,19 +671,27 @@ def _check_compiled_kernel(device: torch.device, dtype: torch.dtype) -> str | No
     return None
 
 
-def _kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
-    key = (device.type, dtype)
-    if key not in _KERNEL_STATUS:
-        if device.type not in _COMPILE_DEVICE_TYPES:
-            reason: str | None = f"no compiled NAdamW kernel for device type {device.type!r}"
-        elif getattr(torch._dynamo.config, "disable", False):
-            reason = "torch.compile is disabled (TORCH_COMPILE_DISABLE)"
-        else:
-            reason = _check_compiled_kernel(device, dtype)
-        _KERNEL_STATUS[key] = reason
-        if reason is not None:
-            _warn_fallback(device, dtype, reason)
-    return _KERNEL_STATUS[key] is None
+def _kernel_works(device: torch.device, dtype: torch.dtype, *, requested: bool) -> bool:
+    """Whether the compiled kernel runs on (device, dtype), checking it on first use.
+
+    Without an explicit ``fused=True``, a device or setup where compiling is off the
+    table falls back quietly; a kernel that fails to compile or to match always warns.
+    """
+    if device.type not in _COMPILE_DEVICE_TYPES:
+        reason: str | None = f"no compiled NAdamW kernel for device type {device.type!r}"
+    elif getattr(torch._dynamo.config, "disable", False):
+        reason = "torch.compile is disabled (TORCH_COMPILE_DISABLE=1)"
+    else:
+        key = (device.type, dtype)
+        if key not in _KERNEL_STATUS:
+            _KERNEL_STATUS[key] = _check_compiled_kernel(device, dtype)
+            if _KERNEL_STATUS[key] is not None:
+                _warn_fallback(device, dtype, _KERNEL_STATUS[key])
+        return _KERNEL_STATUS[key] is None
+    if requested and reason not in _WARNED:
+        _WARNED.add(reason)
+        _warn_fallback(device, dtype, reason)
+    return False
 
 
 def _warn_fallback(device: torch.device, dtype: torch.dtype, reason: str) -> None:
@@ -662,6 +716,7 @@ def _fused_nadamw(
     weight_decay: float,
     eps: float,
     flat_cache: dict[int, _FlatEntry] | None = None,
+    requested: bool = True,
 ) -> None:
     if flat_cache is None:
         flat_cache = {}
@@ -672,7 +727,7 @@ def _fused_nadamw(
         return
     grouped = _group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     for (device, dtype), lists in grouped.items():
-        if not _kernel_works(device, dtype):
+        if not _kernel_works(device, dtype, requested=requested):
             _multi_tensor_nadamw(*lists, **hyper)
             continue
         flat, flat_steps, rest = [], [], [[] for _ in lists]
@@ -696,6 +751,11 @@ def _fused_nadamw(
                     )
                 )
                 flat_steps.append(step)
+        # Largest first, so that buckets hold tensors of like size and the small ones
+        # share the buckets that run on one thread.
+        order = sorted(range(len(flat)), key=lambda i: flat[i][0].numel(), reverse=True)
+        flat = [flat[i] for i in order]
+        flat_steps = [flat_steps[i] for i in order]
         updated = 0
         if flat:
             updated, failure = _run_compiled_buckets(flat, flat_steps, **hyper)
