@@ -21,6 +21,16 @@ load that drifts over the run.
 
 from __future__ import annotations
 
+import os
+
+# On a shared, oversubscribed CPU, OpenMP threads that spin while waiting at
+# barriers steal the cores from the threads doing the work; that slowed
+# every parallel op several-fold here, and eigh and the optimizer's many
+# matmuls far more than the forward pass. Passive waiting is fair to both
+# contenders. It must be set before torch loads OpenMP; export another value
+# to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -204,7 +214,8 @@ def main(argv: list[str]) -> None:
     model = build_model()
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"torch {torch.__version__}, {FLAGS.threads} threads; model d_model={FLAGS.d_model}, "
+        f"torch {torch.__version__}, {FLAGS.threads} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; model d_model={FLAGS.d_model}, "
         f"layers={FLAGS.layers}, vocab={FLAGS.vocab}, {params / 1e6:.2f}M params; "
         f"{FLAGS.batch * FLAGS.seq_len} tokens/batch; {FLAGS.steps} steps/window, "
         f"{FLAGS.repeats} repeats; roots every {FLAGS.precondition_frequency} steps"
