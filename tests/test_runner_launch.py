@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from polyak.runner import atomic, completion, launch
+from polyak import files
+from polyak.runner import completion, launch
 from polyak.runner.commands import RunSettings
 from polyak.runner.errors import AlgoPerfMissingError, DataDirError
 from polyak.runner.launch import run_algoperf_suite
@@ -208,7 +209,7 @@ def test_interrupted_marker_write_leaves_no_file(tmp_path, monkeypatch):
         handle.write('{"finished": tr')  # half a file, then the process dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(atomic.json, "dump", explode)
+    monkeypatch.setattr(files.json, "dump", explode)
     with pytest.raises(KeyboardInterrupt):
         completion.mark_finished(trial, "process exited 0")
     assert os.listdir(trial) == []  # neither the marker nor a temporary file
@@ -217,7 +218,7 @@ def test_interrupted_marker_write_leaves_no_file(tmp_path, monkeypatch):
 
     completion.mark_finished(trial, "process exited 0", exit_code=0)
     before = (trial / completion.MARKER_NAME).read_text()
-    monkeypatch.setattr(atomic.json, "dump", explode)
+    monkeypatch.setattr(files.json, "dump", explode)
     with pytest.raises(KeyboardInterrupt):
         completion.mark_finished(trial, "again")
     # The old marker survives intact.

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from absl import logging
 
 from polyak.algoperf import spec
@@ -25,15 +24,12 @@ from polyak.algoperf.batch_sizes import get_batch_size
 from polyak.algoperf.defaults import resolve_hyperparameters, self_tuning_placement
 from polyak.averaging.config import AveragingConfig
 from polyak.averaging.torch_backend import TorchAverager, TWAFitContext
+from polyak.distributed_torch import is_distributed
 
 OptimizerFactory = Callable[
     [Iterable[torch.Tensor], Any, int],
     "tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]",
 ]
-
-
-def _use_ddp() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def build_submission(
@@ -180,7 +176,7 @@ def _training_loss(
     )
     summed_loss = loss_dict["summed"]
     n_valid = loss_dict["n_valid_examples"]
-    if _use_ddp():
+    if is_distributed():
         # The autograd-aware all_reduce scales gradients by the global
         # number of examples, as AlgoPerf's baseline does.
         import torch.distributed.nn as dist_nn

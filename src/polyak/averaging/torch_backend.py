@@ -63,6 +63,7 @@ from torch import nn
 
 from polyak.averaging import memory, monitoring, twa
 from polyak.averaging.config import AveragingConfig, TWAError
+from polyak.distributed_torch import all_gather_flat, rank_and_world
 
 Tensors = list[torch.Tensor]
 
@@ -367,7 +368,7 @@ class _ShardedStore:
     ) -> None:
         self.config = config
         self.counters = counters
-        self.rank, self.world = _rank_and_world()
+        self.rank, self.world = rank_and_world()
         self._shapes = [t.shape for t in live]
         self._dtypes = [t.dtype for t in live]
         sizes = [t.numel() for t in live]
@@ -456,7 +457,7 @@ class _ShardedStore:
         full = local
         if self.world > 1:
             full = torch.empty(self.shard * self.world, dtype=torch.float32, device=self.device)
-            _all_gather_flat(full, local)
+            all_gather_flat(full, local)
         return [
             full[offset : offset + shape.numel()].view(shape)
             for offset, shape in zip(self._offsets, self._shapes)
@@ -742,7 +743,7 @@ class TorchAverager:
             for buffer, saved in zip(self._module.buffers(), self._buffer_stash):
                 buffer.copy_(saved)
             self._buffer_stash = None
-        if self.config.placement == "sharded" and _rank_and_world()[1] > 1:
+        if self.config.placement == "sharded" and rank_and_world()[1] > 1:
             self._stash = None  # sharded placement is chosen to save device memory
         self._swapped = False
         self.timings.record("restore", time.perf_counter() - start)
@@ -822,19 +823,6 @@ class TorchAverager:
 # -- helpers ----------------------------------------------------------------------
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_gather_flat(full: torch.Tensor, local: torch.Tensor) -> None:
-    # all_gather_single replaces all_gather_into_tensor in recent torch;
-    # AlgoPerf pins a torch that has only the latter.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(full, local)
-
-
 def _check_memory(config: AveragingConfig, live: Tensors) -> None:
     num_elements = sum(t.numel() for t in live)
     weight_bytes = sum(t.numel() * t.element_size() for t in live)
@@ -845,7 +833,7 @@ def _check_memory(config: AveragingConfig, live: Tensors) -> None:
         return
     world = 1
     if config.placement == "sharded":
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         if world > 1 and rank == 0:
             # Rank 0's host mirror, which its checkpoints are written from.
             mirror = memory.footprint(config, num_elements, weight_bytes, staging=True, stash=False)

@@ -65,6 +65,7 @@ from polyak.averaging.config import DEFAULT_TWA_BATCHES as DEFAULT_BATCHES
 from polyak.averaging.config import DEFAULT_TWA_LR as DEFAULT_LR
 from polyak.averaging.config import DEFAULT_TWA_STEPS as DEFAULT_STEPS
 from polyak.averaging.config import TWAConfig, TWAError
+from polyak.distributed_torch import all_gather_flat, all_reduce_sum, rank_and_world, unwrap_module
 
 __all__ = [
     "DEFAULT_BATCHES",
@@ -100,37 +101,6 @@ def blocks_for(num_tensors: int, config: TWAConfig) -> list[list[int]]:
 
 
 # -- distributed helpers ---------------------------------------------------------
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def _all_gather_flat(full: torch.Tensor, local: torch.Tensor) -> None:
-    # all_gather_single replaces all_gather_into_tensor in recent torch;
-    # AlgoPerf pins a torch that has only the latter.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(full, local)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        inner = getattr(module, "module", None)
-        if isinstance(inner, nn.Module):
-            module = inner
-        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod
-        else:
-            return module
 
 
 # -- the flattened, sliced coordinates ---------------------------------------------
@@ -190,7 +160,7 @@ class FlatLayout:
         """Writes the whole flattened vector (gathered from every rank's slice) into ``targets``."""
         if self.world > 1:
             full = torch.empty(self.shard * self.world, dtype=local.dtype, device=local.device)
-            _all_gather_flat(full, local.contiguous())
+            all_gather_flat(full, local.contiguous())
         else:
             full = local
         for target, offset, size in zip(targets, self.offsets, self.sizes):
@@ -226,7 +196,6 @@ class TWASubspace:
         self.segments = [layout.segments(block) for block in self.blocks]
         first = local_snapshots[0]
         device = first.device
-        world = layout.world
         num_rows = self.num_checkpoints - 1
         num_blocks = len(self.blocks)
 
@@ -242,7 +211,7 @@ class TWASubspace:
         # and the dependence test, in one reduction.
         last = local_snapshots[num_rows].float() - self.mean
         squares = torch.cat([self._block_squares(self.basis), self._block_squares(last[None])])
-        squares = _all_reduce_sum(squares, world)
+        squares = all_reduce_sum(squares)
         del last
         self.spread = torch.sqrt(squares.sum(dim=0) / self.num_checkpoints)
 
@@ -284,7 +253,6 @@ class TWASubspace:
                 vector[start:end].mul_(scale[b])
 
     def _orthonormalize_row(self, i: int, original_squares: torch.Tensor) -> None:
-        world = self.layout.world
         vector = self.basis[i]
         previous = self.basis[:i]
         transform_row = torch.zeros(len(self.blocks), self.basis.shape[0], dtype=torch.float64)
@@ -293,12 +261,12 @@ class TWASubspace:
             # Classical Gram–Schmidt twice: one reduction per pass, and fp32
             # rows orthonormal to rounding ("twice is enough").
             for _ in range(2):
-                projections = _all_reduce_sum(self._block_dots(previous, vector), world)
+                projections = all_reduce_sum(self._block_dots(previous, vector))
                 self._add_combination(vector, previous, -projections)
                 transform_row -= torch.einsum(
                     "ib,bij->bj", projections.double().cpu(), self.transform[:, :i, :]
                 )
-        squares = _all_reduce_sum(self._block_squares(vector[None])[0], world)
+        squares = all_reduce_sum(self._block_squares(vector[None])[0])
         keep = (squares > (DEPENDENCE_TOLERANCE**2) * original_squares) & (squares > 0)
         scale = torch.where(keep, squares.rsqrt(), torch.zeros_like(squares))
         self._scale_blocks(vector, scale)
@@ -325,7 +293,7 @@ class TWASubspace:
 
     def coefficient_gradient(self, local_gradient: torch.Tensor) -> torch.Tensor:
         """P_b g_b for every block, reduced over ranks: (K − 1, blocks)."""
-        return _all_reduce_sum(self._block_dots(self.basis, local_gradient), self.layout.world)
+        return all_reduce_sum(self._block_dots(self.basis, local_gradient))
 
     def checkpoint_weights(self, coefficients: torch.Tensor) -> torch.Tensor:
         """Per block, the weights w (summing to 1) with θ_b = Σ_i w_i θ_i,b: (blocks, K)."""
@@ -381,7 +349,7 @@ def build_subspace(
     """
     if not snapshots:
         raise TWAError("TWA needs at least one checkpoint; got an empty list")
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     layout = FlatLayout(shapes, rank, world)
     for k, snapshot in enumerate(snapshots):
         if len(snapshot) != len(layout.shapes):
@@ -427,7 +395,7 @@ def subspace_from_shards(
     """The subspace from this rank's flat slices of K snapshots, as a sharded window keeps them."""
     if not shards:
         raise TWAError("TWA needs at least one checkpoint; got no shards")
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     layout = FlatLayout(shapes, rank, world)
     for k, shard in enumerate(shards):
         if shard.ndim != 1 or shard.shape[0] < layout.shard:
@@ -591,7 +559,7 @@ def recompute_batch_norm(
     DDP the per-rank statistics are averaged over ranks. Returns whether the
     module has BatchNorm layers that track statistics.
     """
-    inner = unwrap(module)
+    inner = unwrap_module(module)
     layers = [
         m
         for m in inner.modules()
@@ -612,7 +580,7 @@ def recompute_batch_norm(
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
         inner.train(was_training)
-    world = _rank_and_world()[1] if world is None else world
+    world = rank_and_world()[1] if world is None else world
     if world > 1:
         for layer in layers:
             for statistic in (layer.running_mean, layer.running_var):

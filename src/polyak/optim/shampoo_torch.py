@@ -85,6 +85,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from polyak.distributed_torch import rank_and_world
 from polyak.hyperparameters import lookup
 from polyak.optim.schedules import (
     constant_multiplier,
@@ -147,7 +148,7 @@ class Shampoo(torch.optim.Optimizer):
             raise ShampooConfigError(f"lr={lr!r} must be a number >= 0")
         self.config = config
         self._process_group = process_group
-        self._world_size, self._rank = _distributed_layout(process_group)
+        self._rank, self._world_size = rank_and_world(process_group)
         super().__init__(params, {"lr": float(lr), "weight_decay": config.weight_decay})
         self._build_plan()
 
@@ -603,12 +604,6 @@ def _restore_dtypes(loaded: Any, saved: Any, device: torch.device) -> Any:
     if isinstance(loaded, list):
         return [_restore_dtypes(v, s, device) for v, s in zip(loaded, saved, strict=True)]
     return loaded
-
-
-def _distributed_layout(process_group: Any) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(process_group), dist.get_rank(process_group)
 
 
 # ---------------------------------------------------------------------- factory

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from polyak.runner.atomic import atomic_write_json
+from polyak.files import atomic_write_json
 
 MARKER_NAME = "polyak_trial_finished.json"
 EVAL_CSV = "eval_measurements.csv"

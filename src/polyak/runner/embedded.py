@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from polyak.runner.atomic import atomic_write_json
+from polyak.files import atomic_write_json
 from polyak.runner.commands import (
     default_search_space,
     find_repo_root,

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from polyak.runner.atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from polyak.files import atomic_open, atomic_write_bytes, atomic_write_text
 from polyak.runner.results import TrialResult, WorkloadResult, aggregate
 from polyak.runner.scoring import PerformanceProfile, benchmark_scores, performance_profiles
 from polyak.runner.workload_table import ALGOPERF_WORKLOADS

@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from polyak.runner.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from polyak.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from polyak.runner.commands import (
     default_search_space,
     find_repo_root,

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from polyak.distributed_torch import rank_and_world, unwrap_module
 from polyak.workloads import prng
-from polyak.workloads.torch_common import distributed_rank_and_world, unwrap_module
 
 
 class TorchLoopBackend:
@@ -52,17 +52,17 @@ class TorchLoopBackend:
     # ---- devices and clocks -------------------------------------------------------
 
     def num_data_shards(self) -> int:
-        return distributed_rank_and_world()[1]
+        return rank_and_world()[1]
 
     def is_primary(self) -> bool:
-        return distributed_rank_and_world()[0] == 0
+        return rank_and_world()[0] == 0
 
     def now(self) -> float:
         """Wall time, after pending GPU work; the max over ranks under DDP."""
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()
-        if distributed_rank_and_world()[1] > 1:
+        if rank_and_world()[1] > 1:
             # Every rank must take the same budget and eval decisions.
             tensor = torch.tensor([now], dtype=torch.float64)
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)

@@ -36,32 +36,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from polyak.algoperf import spec
+from polyak.distributed_torch import rank_and_world
 from polyak.workloads import prng
 from polyak.workloads.base import EmbeddedWorkload
 
 
-def distributed_rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def default_device() -> torch.device:
     if torch.cuda.is_available():
-        rank, _ = distributed_rank_and_world()
+        rank, _ = rank_and_world()
         return torch.device(f"cuda:{rank % torch.cuda.device_count()}")
     return torch.device("cpu")
-
-
-def unwrap_module(module: nn.Module) -> nn.Module:
-    """The plain module inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(module, (DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
 
 
 def _dropout(
@@ -177,7 +161,7 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
         }
         self._param_types = {name: parameter_type(name) for name in self._param_shapes}
         model.to(self._device)
-        _, world = distributed_rank_and_world()
+        _, world = rank_and_world()
         if world > 1:
             device_ids = [self._device.index] if self._device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
@@ -190,7 +174,7 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
     def _dropout_generator(self, rng: spec.RandomState) -> torch.Generator | None:
         if rng is None:
             return None
-        rank, _ = distributed_rank_and_world()
+        rank, _ = rank_and_world()
         seed = prng.torch_seed([*prng.rng_words(rng), rank])
         return torch.Generator(device=self._device).manual_seed(seed)
 
@@ -282,7 +266,7 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
             sums = self._summed_metrics(logits, batch["targets"], batch["weights"])
             names = sorted(sums)
             stacked = torch.stack([sums[name].to(torch.float64) for name in names])
-            _, world = distributed_rank_and_world()
+            _, world = rank_and_world()
             if world > 1:
                 dist.all_reduce(stacked)
         return dict(zip(names, stacked.tolist(), strict=True))
@@ -290,7 +274,7 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
     # ---- batches ------------------------------------------------------------
 
     def _to_framework_batch(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        rank, world = distributed_rank_and_world()
+        rank, world = rank_and_world()
         size = batch["inputs"].shape[0]
         if size % world:
             raise ValueError(
