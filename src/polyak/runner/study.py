@@ -79,7 +79,6 @@ from polyak.runner.commands import (
 from polyak.runner.completion import EVAL_CSV, MEASUREMENTS_CSV, is_finished
 from polyak.runner.embedded import EmbeddedRun, EmbeddedSettings, run_one
 from polyak.runner.errors import LaunchConfigError
-from polyak.runner.report import _md_table, _png_bytes, format_number, write_csv
 from polyak.runner.results import (
     TrialLocation,
     TrialResult,
@@ -89,6 +88,7 @@ from polyak.runner.results import (
 )
 from polyak.runner.search_space import load_search_space
 from polyak.runner.submission_loader import load_submission_module
+from polyak.runner.tables import format_number, md_table, png_bytes, write_csv
 from polyak.runner.workload_table import FRAMEWORKS
 
 Emit = Callable[[str], None]
@@ -1485,7 +1485,7 @@ def _plot_panels(panels: Sequence[Panel], path: Path, *, suptitle: str, columns:
     for axes in axes_grid[len(panels) :]:
         axes.set_visible(False)
     figure.suptitle(suptitle)
-    atomic_write_bytes(path, _png_bytes(figure))
+    atomic_write_bytes(path, png_bytes(figure))
     return path
 
 
@@ -1567,7 +1567,7 @@ def _plot_heatmaps(
     figure.suptitle(
         f"Sensitivity on {workload} ({settings.grid_submission}, {settings.grid_framework})"
     )
-    atomic_write_bytes(path, _png_bytes(figure))
+    atomic_write_bytes(path, png_bytes(figure))
     return path
 
 
@@ -1603,7 +1603,7 @@ def _plot_steps_to_target(workload: str, summaries: Sequence[Summary], path: Pat
     axes_pair[0].set_yticks(range(len(labels)), labels, fontsize=8)
     axes_pair[0].invert_yaxis()
     figure.suptitle(f"Time to target on {workload} (dots: seeds; bar: median)")
-    atomic_write_bytes(path, _png_bytes(figure))
+    atomic_write_bytes(path, png_bytes(figure))
     return path
 
 
@@ -1797,7 +1797,7 @@ def _summary_table(
             _fmt_gain(s.median("final_gain")) if s.setting.averaged else "-",
         ]
         rows.append(row)
-    return _md_table(header, rows)
+    return md_table(header, rows)
 
 
 def _datasets(analysis: StudyAnalysis) -> dict[str, list[dict[str, Any]]]:
@@ -2002,7 +2002,7 @@ def write_results(
         "",
         "## Setup",
         "",
-        _md_table(
+        md_table(
             [
                 "workload",
                 "target (validation)",
