@@ -26,7 +26,14 @@ from typing import Any
 from polyak.files import atomic_write_bytes, atomic_write_text
 from polyak.runner.results import TrialResult, WorkloadResult, aggregate
 from polyak.runner.scoring import PerformanceProfile, benchmark_scores, performance_profiles
-from polyak.runner.tables import format_number, format_seconds, md_table, png_bytes, write_csv
+from polyak.runner.tables import (
+    format_number,
+    format_seconds,
+    md_table,
+    png_bytes,
+    text_table,
+    write_csv,
+)
 from polyak.runner.workload_table import ALGOPERF_WORKLOADS
 
 
@@ -502,8 +509,4 @@ def time_to_target_table(results: Sequence[WorkloadResult]) -> str:
         )
         for r in results
     ]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return text_table(header, rows)
