@@ -42,7 +42,6 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from polyak.averaging.config import MODES
@@ -298,30 +297,22 @@ def run_embedded_suite(
     resume: bool = True,
     report: bool = True,
     out: Emit = print,
-    registry: Any = None,
-    loop: ModuleType | Any = None,
+    registry: Any = embedded_registry,
+    loop: Any = local_loop,
 ) -> EmbeddedOutcome:
-    """Runs the grid (skipping finished cells), prints the table, writes the report."""
-    registry = registry or embedded_registry
-    loop = loop or local_loop
+    """Runs the grid (skipping finished cells), prints the table, writes the report.
+
+    ``registry`` and ``loop`` are the embedded registry and the local loop, or stand-ins
+    with their ``make_workload`` / ``LoopConfig`` and ``run_training``.
+    """
     repo = find_repo_root(repo_root)
     names = select_workloads(settings.workloads, tuple(registry.EMBEDDED_WORKLOADS))
     runs = plan_runs(settings, repo, names)
     root = settings.root
     out(f"embedded suite: {len(runs)} run(s) into {root}")
-    warm_up = WarmUp(repo, registry, loop)
+    grid = _Grid(settings, repo, registry, loop, WarmUp(repo, registry, loop), out)
     statuses = [
-        _run_cell(
-            f"[{index}/{len(runs)}] {run.describe()}",
-            run,
-            root,
-            repo,
-            warm_up,
-            settings,
-            dry_run=dry_run,
-            resume=resume,
-            out=out,
-        )
+        grid.run_cell(f"[{index}/{len(runs)}] {run.describe()}", run, dry_run, resume)
         for index, run in enumerate(runs, start=1)
     ]
     if dry_run or not root.is_dir():
@@ -334,45 +325,44 @@ def run_embedded_suite(
     return EmbeddedOutcome(tuple(runs), tuple(statuses), tuple(trials), tuple(results), files)
 
 
-def _run_cell(
-    prefix: str,
-    run: EmbeddedRun,
-    root: Path,
-    repo: Path,
-    warm_up: WarmUp,
-    settings: EmbeddedSettings,
-    *,
-    dry_run: bool,
-    resume: bool,
-    out: Emit,
-) -> str:
-    """One cell: skipped, planned (dry run), finished or failed."""
-    trial_path = run.trial_dir(root)
-    if resume and is_finished(trial_path):
-        out(f"{prefix}: finished earlier, skipping")
-        return "skipped"
-    if dry_run:
-        out(f"{prefix}: would run {run.submission_path} -> {trial_path}")
-        return "planned"
-    if not resume and trial_path.exists():
-        shutil.rmtree(trial_path)  # --overwrite: start this run over
-    try:
-        warm_seconds = warm_up.before(run)
-        if warm_seconds:
-            out(
-                f"{prefix}: warmed up {run.framework} {run.submission} on {run.workload} "
-                f"in {warm_seconds:.1f}s (untimed, discarded)"
-            )
-        out(f"{prefix}: running")
-        started = time.monotonic()
-        run_one(run, root, repo, warm_up.registry, warm_up.loop, settings, out)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        report_failure(prefix, exc, out)
-        return "failed"
-    out(f"{prefix}: done in {time.monotonic() - started:.1f}s")
-    return "finished"
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    settings: EmbeddedSettings
+    repo: Path
+    registry: Any
+    loop: Any
+    warm_up: WarmUp
+    out: Emit
+
+    def run_cell(self, prefix: str, run: EmbeddedRun, dry_run: bool, resume: bool) -> str:
+        """One cell: skipped, planned (dry run), finished or failed."""
+        root = self.settings.root
+        trial_path = run.trial_dir(root)
+        if resume and is_finished(trial_path):
+            self.out(f"{prefix}: finished earlier, skipping")
+            return "skipped"
+        if dry_run:
+            self.out(f"{prefix}: would run {run.submission_path} -> {trial_path}")
+            return "planned"
+        if not resume and trial_path.exists():
+            shutil.rmtree(trial_path)  # --overwrite: start this run over
+        try:
+            warm_seconds = self.warm_up.before(run)
+            if warm_seconds:
+                self.out(
+                    f"{prefix}: warmed up {run.framework} {run.submission} on {run.workload} "
+                    f"in {warm_seconds:.1f}s (untimed, discarded)"
+                )
+            self.out(f"{prefix}: running")
+            started = time.monotonic()
+            run_one(run, root, self.repo, self.registry, self.loop, self.settings, self.out)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            report_failure(prefix, exc, self.out)
+            return "failed"
+        self.out(f"{prefix}: done in {time.monotonic() - started:.1f}s")
+        return "finished"
 
 
 def _write_report(
