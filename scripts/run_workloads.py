@@ -27,7 +27,9 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
+from polyak.averaging.config import MODES
 from polyak.runner.commands import LAUNCHERS, RunSettings
+from polyak.runner.embedded import TORCH_ONLY_MODES, EmbeddedSettings, run_embedded_suite
 from polyak.runner.errors import RunnerError
 
 flags.DEFINE_enum("suite", "embedded", ["embedded", "algoperf"], "Which workloads to run.")
@@ -46,7 +48,8 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "averaging",
     "none,lawa,ema",
-    "Embedded suite: comma list of none,lawa,ema,twa (twa: PyTorch only).",
+    f"Embedded suite: comma list of {','.join(MODES)} ({','.join(TORCH_ONLY_MODES)}: PyTorch "
+    "only). Each submission x framework x workload first gets an untimed warm-up.",
 )
 flags.DEFINE_string(
     "tuning_search_space",
@@ -102,8 +105,6 @@ def _seeds() -> tuple[int, ...]:
 
 
 def run_embedded() -> int:
-    from polyak.runner.embedded import EmbeddedSettings, run_embedded_suite
-
     if not FLAGS["verbosity"].present:
         # Per-step INFO logs of the submissions drown the suite's progress lines.
         absl_logging.set_verbosity(absl_logging.WARNING)

@@ -4,8 +4,7 @@ Runs (or resumes) the averaging study of ``polyak.runner.study`` and writes
 ``docs/results.md`` with tables and plots under ``docs/results/``:
 
 1. steps and time to target for NadamW and Shampoo in PyTorch and JAX, with
-   no averaging, LAWA and EMA (TWA for PyTorch once the averaging config
-   accepts it), over several seeds;
+   no averaging, LAWA and EMA (and TWA for PyTorch), over several seeds;
 2. the sensitivity grid ν x L (LAWA) and ν x β (EMA), plus ν = 1, β = 0.9;
 3. averaging against LR decay (cosine vs constant LR, with and without averaging).
 
@@ -24,11 +23,15 @@ from __future__ import annotations
 
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from absl import app, flags
 from absl import logging as absl_logging
 
 from polyak.runner.errors import RunnerError
+
+if TYPE_CHECKING:
+    from polyak.runner.study import StudySettings
 
 flags.DEFINE_boolean("quick", False, "One workload, one seed, a reduced grid (a few minutes).")
 flags.DEFINE_string("workloads", None, "Question 1 workloads, comma list (default: all).")
@@ -69,7 +72,7 @@ def _ints(name: str) -> tuple[int, ...] | None:
         ) from exc
 
 
-def _settings():  # -> StudySettings
+def _settings() -> StudySettings:
     from polyak.runner.study import StudySettings, quick_settings
 
     overrides = {

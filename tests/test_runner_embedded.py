@@ -13,12 +13,14 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from polyak.runner import completion
 from polyak.runner.embedded import EmbeddedSettings, run_embedded_suite
 from polyak.runner.errors import LaunchConfigError, SearchSpaceError, UnknownWorkloadError
+from polyak.workloads.loop import LoopConfig, RunResult
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUBMISSION_SOURCE = """
@@ -47,21 +49,15 @@ class FakeWorkload:
         self.step_hint = 40
         self.eval_period_time_sec = 1
 
+    @property
+    def direction(self) -> str:
+        return "max" if self.target_metric_name == "accuracy" else "min"
+
     def has_reached_validation_target(self, result):
         value = result[f"validation/{self.target_metric_name}"]
         if self.target_metric_name == "accuracy":
             return value > self.validation_target_value
         return value < self.validation_target_value
-
-
-@dataclasses.dataclass(frozen=True)
-class FakeLoopConfig:
-    max_steps: int
-    eval_every_steps: int
-    max_runtime_sec: float
-    rng_seed: int
-    stop_at_target: bool
-    checkpoint: bool
 
 
 # Evals at steps 10, 20, 30, 40; submission time 2 s per 10 steps. Averaging reaches
@@ -72,14 +68,30 @@ ACCURACY = {
     "ema": [0.81, 0.9, 0.9, 0.9],
 }
 LOSS = {"none": [0.9, 0.5, 0.35, 0.31], "lawa": [0.8, 0.4, 0.25, 0.2], "ema": [0.7, 0.3, 0.2, 0.1]}
+EVAL_STEPS = (10, 20, 30, 40)
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    workload: str
+    framework: str
+    hyperparameters: Any
+    config: LoopConfig
+    output_dir: Path | None
+    resume: bool
 
 
 class FakeLoop:
-    LoopConfig = FakeLoopConfig
+    """The local loop's interface (its own LoopConfig and RunResult) with made-up curves."""
+
+    LoopConfig = LoopConfig
 
     def __init__(self, fail_on: str | None = None):
-        self.calls = []
+        self.calls: list[Call] = []
         self.fail_on = fail_on
+
+    def timed_calls(self) -> list[Call]:
+        return [call for call in self.calls if call.output_dir is not None]
 
     def run_training(
         self,
@@ -94,19 +106,50 @@ class FakeLoop:
         resume=False,
     ):
         assert callable(submission.update_params)
-        self.calls.append((workload.name, framework, hyperparameters, config, resume))
-        if workload.name == self.fail_on:
-            raise RuntimeError("NaN loss")
+        self.calls.append(
+            Call(workload.name, framework, hyperparameters, config, output_dir, resume)
+        )
+        if workload.name == self.fail_on and output_dir is not None:
+            raise RuntimeError("NaN loss")  # late in a run, long after the warm-up's steps
+        times = self.submission_times(submission, config)
+        if output_dir is None:  # the warm-up: nothing is written
+            return None
         curve = (ACCURACY if workload.name == "tiny_up" else LOSS)[hyperparameters.averaging]
         column = f"validation/{workload.target_metric_name}"
         lines = [f"accumulated_submission_time,global_step,preemption_count,score,{column}"]
-        for index, value in enumerate(curve):
-            step, seconds = 10 * (index + 1), 2.0 * (index + 1)
+        for step, seconds, value in zip(EVAL_STEPS, times, curve):
             lines.append(f"{seconds},{step},0,{seconds},{value}")
             if progress is not None:
-                progress(types.SimpleNamespace(global_step=step, metrics={column: value}))
+                progress(f"[{workload.name}/{framework}] step {step}: {column}={value:.4f}")
         Path(output_dir, "eval_measurements.csv").write_text("\n".join(lines) + "\n")
-        return types.SimpleNamespace()
+        Path(output_dir, "hparams.json").write_text(json.dumps(hyperparameters._asdict()))
+        return self.result(workload, framework)
+
+    def submission_times(self, submission, config) -> list[float]:
+        """Submission time at each eval step: 2 s per 10 steps."""
+        return [2.0 * (index + 1) for index in range(len(EVAL_STEPS))]
+
+    @staticmethod
+    def result(workload: FakeWorkload, framework: str) -> RunResult:
+        return RunResult(
+            workload=workload.name,
+            framework=framework,
+            target_metric_name=workload.target_metric_name,
+            direction=workload.direction,
+            validation_target=workload.validation_target_value,
+            test_target=math.nan,
+            evals=(),
+            reached_target=False,
+            reached_test_target=False,
+            steps_to_target=None,
+            time_to_target=None,
+            best_metric=None,
+            total_steps=EVAL_STEPS[-1],
+            total_submission_time=0.0,
+            dataset=None,
+            stop_reason="max_steps",
+            preemption_count=0,
+        )
 
 
 REGISTRY = types.SimpleNamespace(
@@ -147,11 +190,24 @@ def test_embedded_suite_end_to_end(repo, tmp_path):
     )
     # 1 submission x 2 frameworks x 3 modes x 2 seeds x 2 workloads x 1 trial
     assert len(outcome.runs) == 24 and outcome.statuses == ("finished",) * 24
-    assert len(loop.calls) == 24
-    _, _, hparams, config, resume = loop.calls[0]
-    assert hparams.averaging == "none" and hparams.learning_rate == 0.01
-    assert (config.max_steps, config.eval_every_steps, config.rng_seed) == (40, 2, 0)
-    assert config.max_runtime_sec == 100.0 and config.stop_at_target and not resume
+    assert len(loop.timed_calls()) == 24
+    # One untimed warm-up per framework x workload, each before the first timed run of its kind.
+    warm_ups = [(i, c) for i, c in enumerate(loop.calls) if c.output_dir is None]
+    assert sorted((c.framework, c.workload) for _, c in warm_ups) == sorted(
+        (f, w) for f in ("pytorch", "jax") for w in ("tiny_up", "tiny_down")
+    )
+    for index, warm_up in warm_ups:
+        later = [(c.framework, c.workload) for c in loop.calls[index + 1 :]]
+        earlier = [(c.framework, c.workload) for c in loop.calls[:index]]
+        assert (warm_up.framework, warm_up.workload) in later
+        assert (warm_up.framework, warm_up.workload) not in earlier
+        assert not warm_up.config.checkpoint and not warm_up.config.stop_at_target
+    first = loop.timed_calls()[0]
+    assert first.hyperparameters.averaging == "none"
+    assert first.hyperparameters.learning_rate == 0.01
+    config = first.config
+    assert (config.max_steps, config.eval_every_steps, config.rng_seed) == (40, None, 0)
+    assert config.stop_at_target and not first.resume
 
     root = tmp_path / "exp" / "demo"
     trial = root / "nadamw_lawa" / "seed_1" / "tiny_down_jax" / "trial_1"
@@ -190,7 +246,7 @@ def test_embedded_suite_end_to_end(repo, tmp_path):
         if "lawa" in line and "tiny_up" in line and "jax" in line
     )
     assert row == ["tiny_up", "jax", "nadamw", "lawa", "20", "4.0", "0.9"]
-    assert any("step 20 validation/loss=0.3" in line for line in lines)  # progress
+    assert any("tiny_down/jax] step 20: validation/loss=0.3000" in line for line in lines)
 
     # Report: Markdown, CSVs, one PNG per workload x framework, performance profiles.
     report = outcome.report
@@ -255,7 +311,9 @@ def test_a_failing_run_is_reported_and_resumed(repo, tmp_path):
         settings, repo_root=repo, registry=REGISTRY, loop=loop, report=False, out=lambda line: None
     )
     assert again.statuses == ("skipped", "skipped", "finished", "finished")
-    assert [(c[0], c[2].learning_rate, c[4]) for c in loop.calls] == [
+    assert [
+        (c.workload, c.hyperparameters.learning_rate, c.resume) for c in loop.timed_calls()
+    ] == [
         ("tiny_down", 0.01, True),  # its folder exists from the failed attempt: resume
         ("tiny_down", 0.02, True),
     ]
@@ -325,3 +383,71 @@ def test_cli_dry_run_with_the_real_registry(repo, tmp_path):
     assert len(planned) == 2 * 2 * 2 * len(EMBEDDED_WORKLOADS)
     assert any("shampoo_ema pytorch" in line and "seed 1" in line for line in planned)
     assert not (tmp_path / "exp").exists()
+
+
+# A submission whose first step in a process costs 30 s more than the others (the
+# one-time compilation), on a clock of its own so that no test depends on real time.
+COMPILING_SUBMISSION_SOURCE = """
+CLOCK = [0.0]
+COMPILED = []
+
+
+def init_optimizer_state(workload, model_params, model_state, hyperparameters, rng):
+    return {}
+def update_params(*args, **kwargs):
+    if not COMPILED:
+        COMPILED.append(True)
+        CLOCK[0] += 30.0
+    CLOCK[0] += 0.5
+    return None, None, None
+def get_batch_size(workload_name):
+    return 8
+def data_selection(workload, input_queue, *args):
+    return next(input_queue)
+"""
+
+
+class ClockedLoop(FakeLoop):
+    """Steps the submission and times each step on the submission's clock, as the loop
+    times its steps on the wall clock."""
+
+    def submission_times(self, submission, config) -> list[float]:
+        elapsed, times = 0.0, []
+        for step in range(1, config.max_steps + 1):
+            before = submission.CLOCK[0]
+            submission.update_params()
+            elapsed += submission.CLOCK[0] - before
+            if step in EVAL_STEPS:
+                times.append(elapsed)
+        return times
+
+
+def test_the_first_run_of_a_kind_is_not_charged_for_compilation(repo, tmp_path):
+    for framework in ("pytorch", "jax"):
+        path = repo / "submissions" / "nadamw" / framework / "submission.py"
+        path.write_text(COMPILING_SUBMISSION_SOURCE)
+    settings = EmbeddedSettings(
+        frameworks=("pytorch", "jax"),
+        averaging=("none",),
+        workloads="tiny_up",
+        seeds=(0, 1, 2),
+        experiment_dir=str(tmp_path / "exp"),
+        experiment_name="fair",
+        max_global_steps=40,
+    )
+    loop = ClockedLoop()
+    outcome = run_embedded_suite(
+        settings, repo_root=repo, registry=REGISTRY, loop=loop, report=False, out=lambda _: None
+    )
+    assert set(outcome.statuses) == {"finished"}
+    for framework in ("pytorch", "jax"):
+        seconds = {t.study: t.time_to_target for t in outcome.trials if t.framework == framework}
+        assert sorted(seconds) == ["seed_0", "seed_1", "seed_2"]
+        # none reaches 0.8 at step 30: 30 steps x 0.5 s, whichever run came first.
+        assert seconds["seed_0"] == pytest.approx(seconds["seed_1"], abs=1e-9)
+        assert seconds["seed_0"] == pytest.approx(seconds["seed_2"], abs=1e-9)
+        assert seconds["seed_0"] == pytest.approx(15.0)
+    # The compilation did happen, once per submission module: inside the warm-ups.
+    warm_ups = [c for c in loop.calls if c.output_dir is None]
+    assert [c.framework for c in warm_ups] == ["pytorch", "jax"]
+    assert loop.calls[0].output_dir is None

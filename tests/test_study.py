@@ -243,7 +243,7 @@ def test_constant_lr_emulation_keeps_the_warmup_and_flattens_the_cosine():
     from polyak.workloads.registry import make_workload
 
     stretch, hint = 100, 600
-    overrides = study._constant_lr_overrides(study.STRETCHED, {"warmup_factor": 0.1}, stretch, hint)
+    overrides = study.constant_lr_overrides(study.STRETCHED, {"warmup_factor": 0.1}, stretch, hint)
     assert warmup_steps_for(overrides["warmup_factor"], stretch * hint) == 60  # 0.1 · 600
     workload = study.stretch_step_hint(make_workload("diabetes", "pytorch"), stretch)
     assert workload.step_hint == 60_000
@@ -251,8 +251,9 @@ def test_constant_lr_emulation_keeps_the_warmup_and_flattens_the_cosine():
     lowest = min(warmup_cosine_multiplier(n, 60, workload.step_hint) for n in range(60, 601))
     assert lowest > 0.999
     assert study.constant_lr_method({}, {"use_cosine_decay": True}) == study.COSINE_SWITCH
-    assert study.constant_lr_method({"lr_schedule": "cosine"}, {}) == study.LR_SCHEDULE_SWITCH
-    assert study._constant_lr_overrides(study.COSINE_SWITCH, {}, stretch, hint) == {
+    # No optimizer reads "lr_schedule", so it is no switch: the schedule is emulated.
+    assert study.constant_lr_method({"lr_schedule": "cosine"}, {}) == study.STRETCHED
+    assert study.constant_lr_overrides(study.COSINE_SWITCH, {}, stretch, hint) == {
         "use_cosine_decay": False
     }
 

@@ -12,8 +12,11 @@ Modules, one concept each:
 - ``launch``: running the plans one workload after another.
 - ``results``: parsing ``eval_measurements.csv`` and time-to-target per trial and workload.
 - ``scoring``: performance profiles and the AlgoPerf benchmark score.
+- ``tables``: Markdown, CSV, terminal tables, PNG bytes and number formats (report and study).
 - ``report``: Markdown/CSV tables and PNG plots.
-- ``embedded``: the CPU suite on the embedded workloads through the local loop.
+- ``embedded``: the CPU suite on the embedded workloads through the local loop, with its
+  untimed warm-up.
+- ``study``: the averaging study (a package: plan, records, analysis, prose, plots, page, run).
 - ``submission_loader``: importing a submission file by path, as AlgoPerf does.
 - ``smoke``: a few steps of each real AlgoPerf workload on synthetic batches.
 

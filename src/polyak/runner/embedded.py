@@ -8,7 +8,8 @@ seeds x tuning trials:
   ``submissions/<name>/<framework>/submission.py``, loaded by file path;
 - its hyperparameters are the k-th point of ``tuning_search_spaces/<name>.json``
   (or ``--tuning_search_space``), with the averaging mode merged in as an
-  override: ``{"averaging": "none" | "lawa" | "ema" | "twa"}`` (twa: PyTorch only);
+  override: ``{"averaging": mode}`` for a mode of ``polyak.averaging.config.MODES``
+  (the ones in ``TORCH_ONLY_MODES`` only for PyTorch);
 - the run's *label* is the submission's name plus the mode (``nadamw``,
   ``nadamw_lawa``, ``nadamw_ema``), and each seed is one study.
 
@@ -23,7 +24,10 @@ so ``<experiment_dir>/<experiment_name>`` reads like AlgoPerf's scoring folder
 at the workload's time budget, or at ``--max_global_steps`` (default: the
 workload's ``step_hint``, where the LR schedule has decayed to zero anyway);
 evals come every ``--eval_every_steps`` (default: the workload's
-``eval_period_steps``). Finished runs are skipped on resume. The
+``eval_period_steps``). Before the first timed run of each submission x
+framework x workload, an untimed warm-up (:class:`WarmUp`) absorbs the process's
+one-time compilation, so that the table's seconds compare like with like.
+Finished runs are skipped on resume. The
 suite ends by printing the time-to-target table and writing the report into
 ``<experiment_dir>/<experiment_name>/report/``.
 """
@@ -32,8 +36,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
-import math
 import os
 import shutil
 import time
@@ -42,30 +44,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from polyak.files import atomic_write_json
+from polyak.averaging.config import MODES
 from polyak.runner.commands import (
     default_search_space,
     find_repo_root,
     resolve_submission,
     submission_label,
 )
-from polyak.runner.completion import EVAL_CSV, is_finished, mark_finished
-from polyak.runner.errors import LaunchConfigError, RunnerError
-from polyak.runner.report import ReportFiles, build_report, format_number, format_seconds
+from polyak.runner.completion import is_finished, mark_finished
+from polyak.runner.errors import LaunchConfigError
+from polyak.runner.report import ReportFiles, build_report
 from polyak.runner.results import TrialResult, WorkloadResult, aggregate, load_results
 from polyak.runner.search_space import load_search_space
 from polyak.runner.submission_loader import load_submission_module
-from polyak.runner.workload_table import (
-    FRAMEWORKS,
-    metric_direction,
-    probe_direction,
-    select_workloads,
-)
+from polyak.runner.tables import format_number, format_seconds, text_table
+from polyak.runner.workload_table import FRAMEWORKS, select_workloads
+from polyak.workloads import loop as local_loop
+from polyak.workloads import registry as embedded_registry
 
-AVERAGING_MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
-# TWA is implemented for PyTorch only; a grid asking for it skips the JAX cells.
+# TWA's fit on training batches exists only in the PyTorch backend
+# (polyak.averaging.twa); the runner's grids and the study read it from here.
 TORCH_ONLY_MODES: tuple[str, ...] = ("twa",)
+# Enough steps for every one-time cost of a kind of run: the first step, the first
+# collection (averaging_every=2) and the first swap to the average (an eval at step 3).
+WARM_UP_STEPS = 6
 Emit = Callable[[str], None]
+RunKind = tuple[str, str, str]  # (submission, framework, workload)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +85,11 @@ class EmbeddedSettings:
     experiment_name: str = "embedded"
     max_global_steps: int | None = None
     eval_every_steps: int | None = None
+    # The study turns this off to compare whole curves; time to target is unchanged.
+    stop_at_target: bool = True
 
     def __post_init__(self) -> None:
-        for name, allowed in (("frameworks", FRAMEWORKS), ("averaging", AVERAGING_MODES)):
+        for name, allowed in (("frameworks", FRAMEWORKS), ("averaging", MODES)):
             values = getattr(self, name)
             if not values:
                 raise LaunchConfigError(f"{name} is empty; choose from {', '.join(allowed)}")
@@ -124,6 +130,11 @@ class EmbeddedRun:
         name = submission_label(self.submission)
         return name if self.averaging == "none" else f"{name}_{self.averaging}"
 
+    @property
+    def kind(self) -> RunKind:
+        """What a process compiles once: the optimizer's step for this workload."""
+        return (self.submission, self.framework, self.workload)
+
     def trial_dir(self, root: Path) -> Path:
         return (
             root
@@ -144,16 +155,6 @@ class EmbeddedOutcome:
     trials: tuple[TrialResult, ...]
     results: tuple[WorkloadResult, ...]
     report: ReportFiles | None
-
-
-def _import_embedded(module: str) -> Any:
-    try:
-        return importlib.import_module(f"polyak.workloads.{module}")
-    except ImportError as exc:
-        raise RunnerError(
-            f"the embedded workloads are not available ({exc}); they live in "
-            "polyak.workloads.registry and polyak.workloads.loop"
-        ) from exc
 
 
 def plan_runs(
@@ -191,87 +192,48 @@ def plan_runs(
     return runs
 
 
-def _hyperparameter_tuple(point: dict[str, Any]) -> Any:
+def hyperparameter_tuple(point: dict[str, Any]) -> Any:
+    """A search-space point with attribute access, as AlgoPerf hands it to a submission."""
     return collections.namedtuple("Hyperparameters", list(point))(**point)
 
 
-def _make_config(config_class: Any, **wanted: Any) -> Any:
-    """Builds LoopConfig from the fields it actually has (the loop is someone else's)."""
-    fields = getattr(config_class, "__dataclass_fields__", None)
-    if fields is not None:
-        wanted = {k: v for k, v in wanted.items() if k in fields}
-    return config_class(**wanted)
+@dataclasses.dataclass
+class WarmUp:
+    """One untimed run per submission x framework x workload, before the first timed one.
 
+    A process pays one-time costs the first time it runs a kind of step: PyTorch's
+    ``torch.compile`` of the fused optimizer step, XLA's start-up. Without a warm-up
+    they land in whichever timed run comes first (30 s against 0.5 s for the same
+    steps). The warm-up trains a fresh workload instance for a few steps with LAWA
+    on, so the averaging's paths run too; it writes nothing and its result is
+    dropped. Each timed run then starts from its own seed and state, as before.
+    """
 
-def _workload_attr(workload: Any, name: str, default: Any = None) -> Any:
-    try:
-        return getattr(workload, name)
-    except Exception:
-        return default
+    repo_root: Path
+    registry: Any
+    loop: Any
+    warmed: set[RunKind] = dataclasses.field(default_factory=set)
 
-
-def _progress_printer(run: EmbeddedRun, metric: str, out: Emit) -> Callable[..., None]:
-    column = f"validation/{metric}"
-
-    def on_progress(*args: Any, **kwargs: Any) -> None:
-        record = args[0] if args else kwargs
-        as_dict = record if isinstance(record, dict) else getattr(record, "__dict__", {})
-        step = as_dict.get("global_step", as_dict.get("step"))
-        metrics = as_dict.get("metrics") or as_dict.get("eval_result") or as_dict
-        value = metrics.get(column) if isinstance(metrics, dict) else None
-        seconds = as_dict.get("accumulated_submission_time", as_dict.get("submission_time"))
-        if isinstance(metrics, dict) and seconds is None:
-            seconds = metrics.get("accumulated_submission_time")
-        if step is None and value is None:
-            out(f"    {run.describe()}: {record}")
-            return
-        text = f"    {run.describe()} step {step}"
-        if isinstance(value, (int, float)):
-            text += f" {column}={value:.5g}"
-        if isinstance(seconds, (int, float)):
-            text += f" t={seconds:.1f}s"
-        out(text)
-
-    return on_progress
-
-
-def _target_details(workload: Any) -> dict[str, Any]:
-    """What the report needs to score this run, recorded in its finished-marker."""
-    metric = str(_workload_attr(workload, "target_metric_name"))
-    target = float(_workload_attr(workload, "validation_target_value"))
-    direction = _workload_attr(workload, "target_direction")
-    if direction not in ("min", "max"):
-        direction = probe_direction(workload, metric, target) or metric_direction(metric)
-    budget = _workload_attr(workload, "max_allowed_runtime_sec", math.inf)
-    return {
-        "target_metric": metric,
-        "validation_target": target,
-        "direction": direction,
-        "max_runtime_sec": float(budget),
-    }
-
-
-def _complete_metadata(
-    trial_path: Path, run: EmbeddedRun, workload: Any, details: dict[str, Any]
-) -> None:
-    """AlgoPerf's hparams.json and meta_data_0.json, when the loop did not write them."""
-    if not (trial_path / "hparams.json").exists():
-        atomic_write_json(trial_path / "hparams.json", run.hyperparameters)
-    if not list(trial_path.glob("meta_data_*.json")):
-        meta = {
-            f"workload.{name}": _workload_attr(workload, name)
-            for name in (
-                "target_metric_name",
-                "validation_target_value",
-                "test_target_value",
-                "max_allowed_runtime_sec",
-                "step_hint",
-                "eval_period_time_sec",
-            )
-        }
-        meta["workload.target_direction"] = details["direction"]
-        meta["rng_seed"] = run.seed
-        atomic_write_json(trial_path / "meta_data_0.json", meta)
+    def before(self, run: EmbeddedRun) -> float:
+        """Warms up ``run``'s kind if nothing of that kind ran yet; the seconds it took."""
+        if run.kind in self.warmed:
+            return 0.0
+        started = time.monotonic()
+        workload = self.registry.make_workload(run.workload, run.framework)
+        module = load_submission_module(self.repo_root / run.submission_path)
+        point = {**run.hyperparameters, "averaging": "lawa", "averaging_every": 2, "lawa_window": 2}
+        config = self.loop.LoopConfig(
+            max_steps=WARM_UP_STEPS,
+            eval_every_steps=WARM_UP_STEPS // 2,
+            rng_seed=run.seed,
+            stop_at_target=False,
+            checkpoint=False,
+        )
+        self.loop.run_training(
+            workload, module, hyperparameter_tuple(point), framework=run.framework, config=config
+        )
+        self.warmed.add(run.kind)
+        return time.monotonic() - started
 
 
 def run_one(
@@ -283,47 +245,48 @@ def run_one(
     settings: EmbeddedSettings,
     out: Emit,
 ) -> None:
-    """Trains one cell and marks it finished; raises on failure."""
+    """Trains one cell into its trial folder and marks it finished; raises on failure."""
     workload = registry.make_workload(run.workload, run.framework)
     module = load_submission_module(repo_root / run.submission_path)
-    step_hint = int(_workload_attr(workload, "step_hint", 1000))
-    max_steps = settings.max_global_steps or step_hint
-    config = _make_config(
-        loop.LoopConfig,
-        max_steps=max_steps,
-        eval_every_steps=settings.eval_every_steps
-        or _workload_attr(workload, "eval_period_steps")
-        or max(1, max_steps // 20),
-        max_runtime_sec=float(_workload_attr(workload, "max_allowed_runtime_sec", math.inf)),
+    config = loop.LoopConfig(
+        max_steps=settings.max_global_steps or int(workload.step_hint),
+        eval_every_steps=settings.eval_every_steps,  # None: the workload's eval period
         rng_seed=run.seed,
-        stop_at_target=True,
+        stop_at_target=settings.stop_at_target,
         checkpoint=True,
     )
     trial_path = run.trial_dir(root)
     resuming = trial_path.exists()
     trial_path.mkdir(parents=True, exist_ok=True)
-    details = _target_details(workload)
-    kwargs: dict[str, Any] = {
-        "framework": run.framework,
-        "config": config,
-        "output_dir": trial_path,
-        "progress": _progress_printer(run, details["target_metric"], out),
-    }
-    if resuming:
-        kwargs["resume"] = True
-    loop.run_training(workload, module, _hyperparameter_tuple(run.hyperparameters), **kwargs)
-    if not (trial_path / EVAL_CSV).is_file():
-        raise RunnerError(f"the local loop wrote no {EVAL_CSV} into {trial_path}")
-    _complete_metadata(trial_path, run, workload, details)
+    result = loop.run_training(
+        workload,
+        module,
+        hyperparameter_tuple(run.hyperparameters),
+        framework=run.framework,
+        config=config,
+        output_dir=trial_path,
+        progress=lambda line: out(f"    {run.describe()}: {line}"),
+        resume=resuming,
+    )
     mark_finished(
         trial_path,
-        "run_training returned",
+        f"run_training stopped: {result.stop_reason}",
         label=run.label,
         submission=run.submission,
         averaging=run.averaging,
         seed=run.seed,
-        **details,
+        target_metric=result.target_metric_name,
+        validation_target=result.validation_target,
+        direction=result.direction,
+        max_runtime_sec=float(workload.max_allowed_runtime_sec),
     )
+
+
+def report_failure(prefix: str, exc: Exception, out: Emit) -> None:
+    """The error and the last lines of its traceback, so a grid can go on to the next cell."""
+    out(f"{prefix}: FAILED: {type(exc).__name__}: {exc}")
+    for line in traceback.format_exc().rstrip().splitlines()[-6:]:
+        out(f"    | {line}")
 
 
 def run_embedded_suite(
@@ -334,63 +297,89 @@ def run_embedded_suite(
     resume: bool = True,
     report: bool = True,
     out: Emit = print,
-    registry: Any = None,
-    loop: Any = None,
+    registry: Any = embedded_registry,
+    loop: Any = local_loop,
 ) -> EmbeddedOutcome:
-    """Runs the grid (skipping finished cells), prints the table, writes the report."""
-    registry = registry or _import_embedded("registry")
-    if loop is None and not dry_run:
-        loop = _import_embedded("loop")
-    root_repo = find_repo_root(repo_root)
+    """Runs the grid (skipping finished cells), prints the table, writes the report.
+
+    ``registry`` and ``loop`` are the embedded registry and the local loop, or stand-ins
+    with their ``make_workload`` / ``LoopConfig`` and ``run_training``.
+    """
+    repo = find_repo_root(repo_root)
     names = select_workloads(settings.workloads, tuple(registry.EMBEDDED_WORKLOADS))
-    runs = plan_runs(settings, root_repo, names)
+    runs = plan_runs(settings, repo, names)
     root = settings.root
-    statuses: list[str] = []
     out(f"embedded suite: {len(runs)} run(s) into {root}")
-    for index, run in enumerate(runs, start=1):
-        prefix = f"[{index}/{len(runs)}] {run.describe()}"
-        trial_path = run.trial_dir(root)
-        if resume and is_finished(trial_path):
-            statuses.append("skipped")
-            out(f"{prefix}: finished earlier, skipping")
-            continue
-        if dry_run:
-            statuses.append("planned")
-            out(f"{prefix}: would run {run.submission_path} -> {trial_path}")
-            continue
-        if not resume and trial_path.exists():
-            shutil.rmtree(trial_path)  # --overwrite: start this run over
-        out(f"{prefix}: running")
-        started = time.monotonic()
-        try:
-            run_one(run, root, root_repo, registry, loop, settings, out)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            statuses.append("failed")
-            out(f"{prefix}: FAILED: {type(exc).__name__}: {exc}")
-            for line in traceback.format_exc().rstrip().splitlines()[-6:]:
-                out(f"    | {line}")
-            continue
-        statuses.append("finished")
-        out(f"{prefix}: done in {time.monotonic() - started:.1f}s")
+    grid = _Grid(settings, repo, registry, loop, WarmUp(repo, registry, loop), out)
+    statuses = [
+        grid.run_cell(f"[{index}/{len(runs)}] {run.describe()}", run, dry_run, resume)
+        for index, run in enumerate(runs, start=1)
+    ]
     if dry_run or not root.is_dir():
         return EmbeddedOutcome(tuple(runs), tuple(statuses), (), (), None)
     trials = load_results(root)
     results = aggregate(trials)
     out("")
     out(embedded_table(results, runs))
-    files = None
-    if report and trials:
-        baseline = next((r.label for r in runs if r.averaging == "none"), None)
-        files = build_report(
-            trials,
-            root / "report",
-            title=f"Embedded suite: {settings.experiment_name}",
-            baseline=baseline,
-        )
-        out(f"\nreport: {files.markdown}")
+    files = _write_report(trials, runs, settings, out) if report and trials else None
     return EmbeddedOutcome(tuple(runs), tuple(statuses), tuple(trials), tuple(results), files)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    settings: EmbeddedSettings
+    repo: Path
+    registry: Any
+    loop: Any
+    warm_up: WarmUp
+    out: Emit
+
+    def run_cell(self, prefix: str, run: EmbeddedRun, dry_run: bool, resume: bool) -> str:
+        """One cell: skipped, planned (dry run), finished or failed."""
+        root = self.settings.root
+        trial_path = run.trial_dir(root)
+        if resume and is_finished(trial_path):
+            self.out(f"{prefix}: finished earlier, skipping")
+            return "skipped"
+        if dry_run:
+            self.out(f"{prefix}: would run {run.submission_path} -> {trial_path}")
+            return "planned"
+        if not resume and trial_path.exists():
+            shutil.rmtree(trial_path)  # --overwrite: start this run over
+        try:
+            warm_seconds = self.warm_up.before(run)
+            if warm_seconds:
+                self.out(
+                    f"{prefix}: warmed up {run.framework} {run.submission} on {run.workload} "
+                    f"in {warm_seconds:.1f}s (untimed, discarded)"
+                )
+            self.out(f"{prefix}: running")
+            started = time.monotonic()
+            run_one(run, root, self.repo, self.registry, self.loop, self.settings, self.out)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            report_failure(prefix, exc, self.out)
+            return "failed"
+        self.out(f"{prefix}: done in {time.monotonic() - started:.1f}s")
+        return "finished"
+
+
+def _write_report(
+    trials: Sequence[TrialResult],
+    runs: Sequence[EmbeddedRun],
+    settings: EmbeddedSettings,
+    out: Emit,
+) -> ReportFiles:
+    baseline = next((r.label for r in runs if r.averaging == "none"), None)
+    files = build_report(
+        trials,
+        settings.root / "report",
+        title=f"Embedded suite: {settings.experiment_name}",
+        baseline=baseline,
+    )
+    out(f"\nreport: {files.markdown}")
+    return files
 
 
 def embedded_table(results: Sequence[WorkloadResult], runs: Sequence[EmbeddedRun]) -> str:
@@ -419,8 +408,4 @@ def embedded_table(results: Sequence[WorkloadResult], runs: Sequence[EmbeddedRun
                 format_number(r.best_metric),
             )
         )
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return text_table(header, rows)

@@ -17,17 +17,23 @@ Accelerator-hours are ``seconds x num_accelerators / 3600``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from polyak.files import atomic_open, atomic_write_bytes, atomic_write_text
+from polyak.files import atomic_write_bytes, atomic_write_text
 from polyak.runner.results import TrialResult, WorkloadResult, aggregate
 from polyak.runner.scoring import PerformanceProfile, benchmark_scores, performance_profiles
+from polyak.runner.tables import (
+    format_number,
+    format_seconds,
+    md_table,
+    png_bytes,
+    text_table,
+    write_csv,
+)
 from polyak.runner.workload_table import ALGOPERF_WORKLOADS
 
 
@@ -51,20 +57,6 @@ class ReportFiles:
     markdown: Path
     tables: dict[str, Path]
     plots: tuple[Path, ...]
-
-
-def format_seconds(seconds: float) -> str:
-    if math.isnan(seconds):
-        return "-"
-    return "miss" if math.isinf(seconds) else f"{seconds:.1f}"
-
-
-def format_number(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "miss"
-    return f"{value:.6g}"
 
 
 def accelerator_hours(seconds: float, num_accelerators: int) -> float:
@@ -126,12 +118,6 @@ def _ratio_text(value: float, base: float) -> str:
     if math.isinf(value) or math.isinf(base) or base <= 0:
         return ""
     return f" ({value / base:.2f}x)"
-
-
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 WORKLOAD_COLUMNS = (
@@ -249,21 +235,6 @@ def comparison_rows(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
-    with atomic_open(path, "w") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
-    return path
-
-
-def _png_bytes(figure: Any) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    return buffer.getvalue()
-
-
 def plot_curves(trials: Sequence[TrialResult], plot_dir: Path) -> list[Path]:
     """One PNG per (workload, framework): metric against submission time, target line."""
     from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
@@ -302,7 +273,7 @@ def plot_curves(trials: Sequence[TrialResult], plot_dir: Path) -> list[Path]:
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize="small")
         path = plot_dir / f"{workload}_{framework}.png"
-        atomic_write_bytes(path, _png_bytes(figure))
+        atomic_write_bytes(path, png_bytes(figure))
         written.append(path)
     return written
 
@@ -323,7 +294,7 @@ def plot_profile(comparison: Comparison, plot_dir: Path) -> Path | None:
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     path = plot_dir / f"performance_profile_{comparison.framework}.png"
-    atomic_write_bytes(path, _png_bytes(figure))
+    atomic_write_bytes(path, png_bytes(figure))
     return path
 
 
@@ -346,7 +317,7 @@ def render_markdown(
         "",
         "## Time to target",
         "",
-        _md_table(
+        md_table(
             [
                 "run",
                 "framework",
@@ -412,11 +383,11 @@ def render_markdown(
             ["AlgoPerf benchmark score (vs these runs)"]
             + [f"{c.scores[label]:.4f}" for label in c.labels]
         )
-        parts += [_md_table(header, rows), ""]
+        parts += [md_table(header, rows), ""]
     parts += [
         "## Trials",
         "",
-        _md_table(
+        md_table(
             [
                 "run",
                 "framework",
@@ -538,8 +509,4 @@ def time_to_target_table(results: Sequence[WorkloadResult]) -> str:
         )
         for r in results
     ]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return text_table(header, rows)
