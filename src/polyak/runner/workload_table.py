@@ -199,6 +199,21 @@ def _check_name(name: str) -> None:
         )
 
 
+@functools.cache
+def _algoperf_base_workloads() -> tuple[str, ...] | None:
+    try:
+        registry = importlib.import_module("algoperf.workloads.workloads")
+        return tuple(str(name) for name in registry.BASE_WORKLOADS)
+    except Exception:  # algoperf missing or broken: the fallback list stands
+        return None
+
+
+def benchmark_workloads() -> tuple[str, ...]:
+    """The workloads the benchmark score counts: the installed algoperf's
+    ``BASE_WORKLOADS``, else v0.6's eight."""
+    return _algoperf_base_workloads() or ALGOPERF_WORKLOADS
+
+
 def get_workload(name: str, framework: str = "jax", source: Source = "auto") -> WorkloadInfo:
     """One workload's info, from algoperf when importable (``source="auto"``)."""
     _check_name(name)
