@@ -53,6 +53,7 @@ class Comparison:
     scores: dict[str, float]
     profile: PerformanceProfile | None
     warnings: tuple[str, ...] = ()
+    pooled: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,20 @@ def leaderboard_warnings(
     by_submission: dict[str, list[WorkloadResult]] = {}
     for r in results:
         by_submission.setdefault(keys[(r.label, r.framework)], []).append(r)
+    # The studies x trials rules are the benchmark's; other workloads (the embedded
+    # CPU suite) are only checked for unfinished trials.
+    benchmark = set(scored) <= set(benchmark_workloads())
     for name, members in by_submission.items():
+        unfinished = sum(r.unfinished_trials for r in members)
+        if unfinished:
+            touched = sorted(r.workload for r in members if r.provisional)
+            warnings.append(
+                f"{name}: {unfinished} trial(s) unfinished (no target reached, and no sign "
+                f"that they ran to their end) in {', '.join(touched)}; the score counts them "
+                "as the leaderboard counts a crashed trial, as no hit, so it is provisional"
+            )
+        if not benchmark:
+            continue
         present = {r.workload for r in members}
         missing = [w for w in scored if w not in present]
         if missing:
@@ -134,14 +148,6 @@ def leaderboard_warnings(
                 f"{name}: {'/'.join(map(str, counts))} trial(s) per study where the {ruleset} "
                 f"ruleset asks for {required} ({', '.join(few_trials)})"
             )
-        unfinished = sum(r.unfinished_trials for r in members)
-        if unfinished:
-            touched = sorted(r.workload for r in members if r.provisional)
-            warnings.append(
-                f"{name}: {unfinished} trial(s) unfinished (no target reached, and no sign "
-                f"that they ran to their end) in {', '.join(touched)}; the score counts them "
-                "as the leaderboard counts a crashed trial, as no hit, so it is provisional"
-            )
     return warnings
 
 
@@ -151,11 +157,25 @@ def compare(
     baseline: str | None = None,
     num_accelerators: int = 1,
     num_workloads: int | None = None,
+    pool_frameworks: bool = True,
 ) -> list[Comparison]:
     """All runs pooled, as the leaderboard pools submissions whatever their framework:
-    per-workload results, accelerator-hours, one performance profile and the scores."""
+    per-workload results, accelerator-hours, one performance profile and the scores.
+    ``pool_frameworks=False`` compares each framework's runs on their own instead (one
+    comparison per framework; not how the leaderboard scores)."""
     if not results:
         return []
+    if not pool_frameworks:
+        return [
+            dataclasses.replace(comparison, pooled=False)
+            for framework in sorted({r.framework for r in results})
+            for comparison in compare(
+                [r for r in results if r.framework == framework],
+                baseline=baseline,
+                num_accelerators=num_accelerators,
+                num_workloads=num_workloads,
+            )
+        ]
     keys = submission_keys(results)
     labels = tuple(dict.fromkeys(keys[(r.label, r.framework)] for r in results))
     workloads = tuple(sorted({r.workload for r in results}))
@@ -397,10 +417,16 @@ def plot_profile(comparison: Comparison, plot_dir: Path) -> Path | None:
     axes.set_xlabel("tau (time to target / best time to target)")
     axes.set_ylabel("fraction of workloads")
     axes.set_ylim(-0.02, 1.02)
-    axes.set_title(f"performance profile (pooled: {comparison.framework})")
+    scope = f"pooled: {comparison.framework}" if comparison.pooled else comparison.framework
+    axes.set_title(f"performance profile ({scope})")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
-    path = plot_dir / "performance_profile.png"
+    name = (
+        "performance_profile"
+        if comparison.pooled
+        else f"performance_profile_{comparison.framework}"
+    )
+    path = plot_dir / f"{name}.png"
     atomic_write_bytes(path, _png_bytes(figure))
     return path
 
@@ -463,7 +489,8 @@ def render_markdown(
         "",
     ]
     for c in comparisons:
-        parts += [f"## Side by side (pooled: {c.framework}), baseline `{c.baseline}`", ""]
+        scope = f"pooled: {c.framework}" if c.pooled else c.framework
+        parts += [f"## Side by side ({scope}), baseline `{c.baseline}`", ""]
         header = ["workload", *c.labels]
         rows = []
         base = c.results[c.baseline]
@@ -560,6 +587,7 @@ def build_report(
     num_workloads: int | None = None,
     plots: bool = True,
     selection: str = "leaderboard",
+    pool_frameworks: bool = True,
 ) -> ReportFiles:
     """Writes the tables, plots and Markdown for these trials into ``output_dir``."""
     output_dir = Path(output_dir)
@@ -567,7 +595,11 @@ def build_report(
         raise ValueError(f"num_accelerators={num_accelerators}; expected an integer >= 1")
     results = aggregate(trials, selection)
     comparisons = compare(
-        results, baseline=baseline, num_accelerators=num_accelerators, num_workloads=num_workloads
+        results,
+        baseline=baseline,
+        num_accelerators=num_accelerators,
+        num_workloads=num_workloads,
+        pool_frameworks=pool_frameworks,
     )
     tables = {
         "workloads": write_csv(
@@ -608,7 +640,8 @@ def build_report(
         plot_dir = output_dir / "plots"
         written += plot_curves(trials, plot_dir)
         for c in comparisons:
-            if len(c.labels) > 1 and (path := plot_profile(c, plot_dir)) is not None:
+            path = plot_profile(c, plot_dir) if len(c.labels) > 1 else None
+            if path is not None:
                 written.append(path)
     markdown = output_dir / "report.md"
     atomic_write_text(
