@@ -59,9 +59,9 @@ from typing import Any
 from polyak.runner.completion import EVAL_CSV, algoperf_training_ended, read_marker
 from polyak.runner.errors import ResultsFormatError
 from polyak.runner.workload_table import (
-    ALGOPERF_WORKLOADS,
     Direction,
     get_workload,
+    known_workloads,
     metric_direction,
     reached_target,
 )
@@ -415,7 +415,7 @@ def resolve_target(trial_path: Path, workload: str, framework: str) -> TrialTarg
     meta = _latest_json(trial_path, "meta_data")
     flags = _latest_json(trial_path, "flags")
     marker = read_marker(trial_path) or {}
-    table_info = get_workload(workload, framework) if workload in ALGOPERF_WORKLOADS else None
+    table_info = get_workload(workload, framework) if workload in known_workloads() else None
     metric = meta.get("workload.target_metric_name") or marker.get("target_metric")
     if not metric and table_info is not None:
         metric = table_info.target_metric
@@ -429,7 +429,7 @@ def resolve_target(trial_path: Path, workload: str, framework: str) -> TrialTarg
         raise ResultsFormatError(
             f"{trial_path}: no target known for workload {workload!r} (no meta_data_*.json with "
             "workload.target_metric_name / workload.validation_target_value, and not one of "
-            f"the AlgoPerf workloads {', '.join(ALGOPERF_WORKLOADS)})"
+            f"the AlgoPerf workloads {', '.join(known_workloads())})"
         )
     direction = marker.get("direction") or meta.get("workload.target_direction")
     if direction not in ("min", "max"):

@@ -1,7 +1,9 @@
-"""The eight AlgoPerf workloads: target metric, direction, targets, budget, step hint.
+"""The AlgoPerf workloads: target metric, direction, targets, budget, step hint.
 
-Targets and budgets move between AlgoPerf releases, so the values are read from
-the installed ``algoperf`` when it can be imported: the workload class named in
+Which workloads the benchmark scores, their targets and budgets move between
+AlgoPerf releases (current AlgoPerf adds ``finewebedu_lm``, metric ``ppl``, to
+v0.6's eight), so the list is the installed ``algoperf``'s ``BASE_WORKLOADS``
+and the values are read from it when it can be imported: the workload class named in
 ``algoperf.workloads.workloads.WORKLOADS`` is imported lazily (that pulls in
 torch, jax and tensorflow) and its properties are read without running its
 constructor. Anything that goes wrong on the way (algoperf missing, a framework
@@ -38,9 +40,16 @@ ALGOPERF_WORKLOADS: tuple[str, ...] = (
     "wmt",
 )
 FRAMEWORKS: tuple[str, ...] = ("pytorch", "jax")
+# The current rules' scoring machine (v0.6's pinned docs still say 8x V100; later
+# AlgoPerf moved to 4 accelerators). Flags override both.
+DEFAULT_NUM_ACCELERATORS = 4
+DEFAULT_ACCELERATOR_TYPE = "A100"
 
-# AlgoPerf's scoring treats these metric names as minimised / maximised.
-MINIMIZED_METRICS = frozenset({"loss", "ce_loss", "error_rate", "ctc_loss", "wer", "l1_loss"})
+# AlgoPerf's scoring treats these metric names as minimised / maximised (ppl: the
+# language-model workload's perplexity).
+MINIMIZED_METRICS = frozenset(
+    {"loss", "ce_loss", "error_rate", "ctc_loss", "wer", "l1_loss", "ppl"}
+)
 MAXIMIZED_METRICS = frozenset({"accuracy", "ssim", "bleu", "mean_average_precision"})
 
 
@@ -192,10 +201,23 @@ def _cached_algoperf(name: str, frameworks: tuple[str, ...]) -> tuple[WorkloadIn
     return None, "; ".join(reasons)
 
 
+def known_workloads() -> tuple[str, ...]:
+    """The workloads the runner accepts: the benchmark's, from the installed algoperf
+    when it can be imported (v0.6's eight otherwise)."""
+    return benchmark_workloads()
+
+
 def _check_name(name: str) -> None:
-    if name not in ALGOPERF_WORKLOADS:
+    choices = known_workloads()
+    if name not in choices:
+        hint = (
+            "; it is not a base workload of the installed algoperf"
+            if _algoperf_base_workloads() is not None
+            else " (algoperf is not importable, so only v0.6's built-in table is known; "
+            "install the algoperf that has it)"
+        )
         raise UnknownWorkloadError(
-            f"unknown AlgoPerf workload {name!r}; choices: {', '.join(ALGOPERF_WORKLOADS)}"
+            f"unknown AlgoPerf workload {name!r}{hint}; choices: {', '.join(choices)}"
         )
 
 
@@ -220,19 +242,24 @@ def get_workload(name: str, framework: str = "jax", source: Source = "auto") -> 
     if source not in ("auto", "algoperf", "fallback"):
         raise RunnerError(f"source={source!r}; expected auto, algoperf or fallback")
     if source == "fallback":
+        if name not in FALLBACK_TABLE:
+            raise RunnerError(
+                f"workload {name!r} has no built-in v0.6 values; read it from algoperf"
+            )
         return FALLBACK_TABLE[name]
     order = (framework, *[f for f in FRAMEWORKS if f != framework])
     info, reason = _cached_algoperf(name, order)
     if info is not None:
         return info
-    if source == "algoperf":
+    if source == "algoperf" or name not in FALLBACK_TABLE:
         raise RunnerError(f"could not read workload {name!r} from algoperf: {reason}")
     return dataclasses.replace(FALLBACK_TABLE[name], source="fallback (algoperf not importable)")
 
 
 def workload_table(
-    names: Iterable[str] = ALGOPERF_WORKLOADS, framework: str = "jax", source: Source = "auto"
+    names: Iterable[str] | None = None, framework: str = "jax", source: Source = "auto"
 ) -> dict[str, WorkloadInfo]:
+    names = known_workloads() if names is None else names
     return {name: get_workload(name, framework, source) for name in names}
 
 
