@@ -267,5 +267,6 @@ def test_exported_folder_imports_where_polyak_cannot(tmp_path: Path, framework: 
         "'get_batch_size', 'data_selection')\n"
         "assert all(callable(getattr(m, n)) for n in names)\n"
         "assert m.get_batch_size('ogbg') == 512\n"
+        "assert m.get_batch_size('finewebedu_lm') == 64\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300, cwd=tmp_path)

@@ -266,14 +266,15 @@ def run_smoke(
 ) -> list[SmokeResult]:
     """Runs :func:`smoke_one` for each selected workload and reports each outcome."""
     names = select_workloads(workloads, known_workloads())
+    # Bad inputs first, each named, before the (slow, heavy) AlgoPerf import.
+    root = find_repo_root(repo_root)
+    path = resolve_submission(submission, framework, root)
+    hyperparameters = _hyperparameters(root, submission, tuning_search_space, tuning_ruleset)
     try:
         importlib.import_module("algoperf.workloads.workloads")
     except ImportError as exc:
         raise AlgoPerfMissingError(str(exc)) from exc
-    root = find_repo_root(repo_root)
-    path = resolve_submission(submission, framework, root)
     module = load_submission_module(root / path)
-    hyperparameters = _hyperparameters(root, submission, tuning_search_space, tuning_ruleset)
     results = []
     for name in names:
         started = time.monotonic()
