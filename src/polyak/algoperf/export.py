@@ -231,7 +231,7 @@ def _readme(request: ExportRequest, revision: str) -> str:
         else ""
     )
     launcher = (
-        "torchrun --standalone --nnodes=1 --nproc_per_node=8"
+        "torchrun --standalone --nnodes=1 --nproc_per_node=4"
         if request.framework == "pytorch"
         else "python"
     )
