@@ -193,22 +193,38 @@ def identity_differences(trial_path: Path, expected: dict[str, Any]) -> list[str
         if not isinstance(recorded, dict):
             return ["its finished marker records no hyperparameters, steps or seed"]
         for key in IDENTITY_KEYS:
-            if key == "hyperparameters" and expected.get(key) is None:
+            was, now = recorded.get(key), expected.get(key)
+            if (key == "hyperparameters" and now is None) or was == now:
                 continue
-            if recorded.get(key) != expected.get(key):
-                shown = "search space" if key == "search_space_sha256" else key
-                if key == "search_space_sha256":
-                    was = f"{recorded.get('search_space')} (other contents)"
-                    now = expected.get("search_space")
+            if key == "search_space_sha256":
+                old_path, new_path = recorded.get("search_space"), expected.get("search_space")
+                if old_path == new_path:
+                    differences.append(f"search space: {new_path} changed since the trial ran")
                 else:
-                    was, now = recorded.get(key), expected.get(key)
-                differences.append(f"{shown}: ran with {was!r}, now {now!r}")
+                    differences.append(f"search space: ran with {old_path}, now {new_path}")
+            elif key == "hyperparameters" and isinstance(was, dict):
+                differences.append(f"hyperparameters: {_dict_changes(was, now)}")
+            else:
+                differences.append(f"{key}: ran with {was!r}, now {now!r}")
         return differences
     wanted = expected.get("hyperparameters")
     started = _recorded_hyperparameters(trial_path)
     if wanted is not None and started is not None and started != wanted:
         differences.append(
-            f"hyperparameters: its hparams.json (which AlgoPerf reuses on resume) holds "
-            f"{started!r}, now {wanted!r}"
+            "hyperparameters: its hparams.json (which AlgoPerf reuses on resume) holds other "
+            f"values: {_dict_changes(started, wanted)}"
         )
     return differences
+
+
+def _dict_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    """``name: old -> new`` for the keys that differ (a few of them)."""
+    missing = object()
+    changes = [
+        f"{key}: {'(unset)' if old.get(key, missing) is missing else repr(old[key])} -> "
+        f"{'(unset)' if new.get(key, missing) is missing else repr(new[key])}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing)
+    ]
+    more = f" and {len(changes) - limit} more" if len(changes) > limit else ""
+    return "; ".join(changes[:limit]) + more

@@ -73,8 +73,7 @@ from polyak.runner.search_space import SearchSpace
 from polyak.runner.workload_table import (
     WorkloadInfo,
     get_workload,
-    known_workloads,
-    select_workloads,
+    select_benchmark_workloads,
 )
 
 Emit = Callable[[str], None]
@@ -257,7 +256,7 @@ def run_algoperf_suite(
     runner: ProcessRunner | None = None,
 ) -> list[WorkloadOutcome]:
     """Runs (or, with ``dry_run``, prints) the selected studies x workloads in order."""
-    names = select_workloads(workloads, known_workloads())
+    names = select_benchmark_workloads(workloads)
     check_folder_path("experiment_dir", os.path.expanduser(settings.experiment_dir))
     root = find_repo_root(repo_root)
     submission_path = resolve_submission(settings.submission, settings.framework, root)
@@ -303,8 +302,9 @@ def run_algoperf_suite(
     mismatched = [slot for slot in slots if slot.differences]
     if mismatched and not overwrite:
         lines = [d for slot in mismatched for d in slot.differences]
+        trials = {line.split(": ", 1)[0] for line in lines}
         raise RunnerError(
-            f"{len(lines)} trial(s) on disk were run differently from this run, so their "
+            f"{len(trials)} trial(s) on disk were run differently from this run, so their "
             "results would be mislabelled:\n  "
             + "\n  ".join(lines[:10])
             + ("\n  ..." if len(lines) > 10 else "")

@@ -207,18 +207,29 @@ def known_workloads() -> tuple[str, ...]:
     return benchmark_workloads()
 
 
+def _source_hint() -> str:
+    if _algoperf_base_workloads() is not None:
+        return "the installed algoperf's base workloads"
+    return (
+        "algoperf is not importable here, so only v0.6's built-in eight are known; "
+        "install the algoperf that has the workload"
+    )
+
+
 def _check_name(name: str) -> None:
     choices = known_workloads()
     if name not in choices:
-        hint = (
-            "; it is not a base workload of the installed algoperf"
-            if _algoperf_base_workloads() is not None
-            else " (algoperf is not importable, so only v0.6's built-in table is known; "
-            "install the algoperf that has it)"
-        )
         raise UnknownWorkloadError(
-            f"unknown AlgoPerf workload {name!r}{hint}; choices: {', '.join(choices)}"
+            f"unknown AlgoPerf workload {name!r} ({_source_hint()}); choices: {', '.join(choices)}"
         )
+
+
+def select_benchmark_workloads(selection: str | Sequence[str]) -> list[str]:
+    """:func:`select_workloads` among :func:`known_workloads`, saying where the list is from."""
+    try:
+        return select_workloads(selection, known_workloads())
+    except UnknownWorkloadError as exc:
+        raise UnknownWorkloadError(f"{exc} ({_source_hint()})") from None
 
 
 @functools.cache
