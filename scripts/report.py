@@ -23,12 +23,20 @@ import sys
 from absl import app, flags
 
 from polyak.runner.errors import RunnerError
+from polyak.runner.workload_table import DEFAULT_ACCELERATOR_TYPE, DEFAULT_NUM_ACCELERATORS
 
 flags.DEFINE_string("experiments", None, "Comma list of experiment folders.")
 flags.DEFINE_string("labels", None, "Comma list of run labels, one per folder (default: names).")
 flags.DEFINE_string("output_dir", None, "Where to write the report (default: <first>/report).")
 flags.DEFINE_string("baseline", None, "The run the others are compared with (default: first).")
-flags.DEFINE_integer("num_accelerators", 1, "Accelerators per run, for accelerator-hours.")
+flags.DEFINE_integer(
+    "num_accelerators",
+    DEFAULT_NUM_ACCELERATORS,
+    "Accelerators per run, for accelerator-hours (default: the current rules' count).",
+)
+flags.DEFINE_string(
+    "accelerator_type", DEFAULT_ACCELERATOR_TYPE, "Accelerator type, shown with the hours."
+)
 flags.DEFINE_integer(
     "num_workloads",
     None,
@@ -73,6 +81,7 @@ def main(argv: list[str]) -> int:
             num_workloads=FLAGS.num_workloads,
             plots=FLAGS.plots,
             selection=FLAGS.selection,
+            accelerator_type=FLAGS.accelerator_type,
         )
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -385,7 +385,8 @@ def _run_plan(
     plan.log_path.parent.mkdir(parents=True, exist_ok=True)
     label = f"study_{plan.study}/{plan.workload}_{plan.framework}"
     tracker = ProgressTracker(label, info, out, plan.num_trials, max_global_steps=max_global_steps)
-    echo_all = plan.launcher == "docker"  # the container prints our own progress lines
+    # The container runs submission_runner itself (startup.sh's way), so its log lines
+    # are AlgoPerf's under every launcher.
     started = time.monotonic()
     with plan.log_path.open("a", encoding="utf-8") as log:
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
@@ -395,10 +396,7 @@ def _run_plan(
         def on_line(line: str) -> None:
             log.write(line + "\n")
             log.flush()
-            if echo_all:
-                out(line)
-            else:
-                tracker.feed(line)
+            tracker.feed(line)
 
         try:
             exit_code = runner(plan, on_line)

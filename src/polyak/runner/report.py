@@ -439,6 +439,7 @@ def render_markdown(
     num_accelerators: int,
     plots: Sequence[Path],
     output_dir: Path,
+    accelerator_type: str = "",
 ) -> str:
     parts = [f"# {title}", ""]
     warnings = [w for c in comparisons for w in c.warnings]
@@ -510,7 +511,11 @@ def render_markdown(
             rows.append(row)
         base_hours = c.accelerator_hours[c.baseline]
         rows.append(
-            [f"accelerator-hours to target (x{num_accelerators}, miss = budget)"]
+            [
+                f"accelerator-hours to target (x{num_accelerators}"
+                f"{' ' + accelerator_type if accelerator_type else ''}, miss = budget, "
+                "unfinished = not charged)"
+            ]
             + [
                 f"{c.accelerator_hours[label]:.4g}"
                 + (
@@ -588,6 +593,7 @@ def build_report(
     plots: bool = True,
     selection: str = "leaderboard",
     pool_frameworks: bool = True,
+    accelerator_type: str = "",
 ) -> ReportFiles:
     """Writes the tables, plots and Markdown for these trials into ``output_dir``."""
     output_dir = Path(output_dir)
@@ -646,7 +652,16 @@ def build_report(
     markdown = output_dir / "report.md"
     atomic_write_text(
         markdown,
-        render_markdown(title, results, trials, comparisons, num_accelerators, written, output_dir),
+        render_markdown(
+            title,
+            results,
+            trials,
+            comparisons,
+            num_accelerators,
+            written,
+            output_dir,
+            accelerator_type,
+        ),
     )
     return ReportFiles(markdown=markdown, tables=tables, plots=tuple(written))
 
