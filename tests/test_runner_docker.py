@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -280,3 +281,40 @@ def test_readme_shows_the_canonical_docker_lines():
     text = _normalise(readme.read_text())
     for line in commands.docker_example_command().splitlines():
         assert _normalise(line) in text, line
+
+
+def test_entrypoint_runs_submission_runner_and_keeps_a_log(tmp_path, monkeypatch):
+    """The whole startup path, with a stand-in submission_runner module that records its
+    arguments: JAX runs it under python from the checkout, output goes to the log."""
+    from polyak.runner import docker_entry
+
+    repo = tmp_path / "image_repo"
+    (repo / "submissions" / "nadamw" / "jax").mkdir(parents=True)
+    (repo / "submissions" / "nadamw" / "jax" / "submission.py").write_text("# stub\n")
+    fake_site = tmp_path / "site"
+    fake_site.mkdir()
+    record = tmp_path / "argv.json"
+    (fake_site / "submission_runner.py").write_text(
+        "import json, os, sys\n"
+        f"json.dump({{'argv': sys.argv[1:], 'cwd': os.getcwd()}}, open({str(record)!r}, 'w'))\n"
+        "print('I0101 submission_runner.py:1] Final ogbg score: 12.5')\n"
+    )
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(fake_site), os.environ.get("PYTHONPATH", "")])
+    )
+    home = tmp_path / "home"
+    code = docker_entry.main(
+        [
+            *("-d", "ogbg", "-f", "jax", "-s", "nadamw", "-w", "ogbg", "-e", "exp/study_0"),
+            *("--tuning_ruleset", "self", "-h", str(home), "--rng_seed", "3"),
+        ],
+        repo_root=repo,
+    )
+    assert code == 0
+    ran = json.loads(record.read_text())
+    assert ran["cwd"] == str(repo)
+    assert "--data_dir=" + f"{home}/data/ogbg" in ran["argv"]
+    assert "--experiment_dir=" + f"{home}/experiment_runs" in ran["argv"]
+    assert "--resume_last_run" in ran["argv"] and "--rng_seed=3" in ran["argv"]
+    (log,) = (home / "logs").glob("ogbg_jax_*.log")
+    assert "Final ogbg score: 12.5" in log.read_text()

@@ -131,6 +131,7 @@ def test_run_resume_and_skip(repo, settings, tmp_path):
     assert any("FAILED with exit status 1" in line for line in lines)
     assert any("CUDA out of memory" in line for line in lines)
     assert any("study_0/ogbg_jax trial 2/3 step 1:" in line for line in lines)
+    assert any("the leaderboard scores 3 x 5 (external tuning)" in line for line in lines)
     # First launch of each workload starts fresh; logs go one file per study and workload.
     assert fake.calls[0][-1] == "--overwrite"
     log = tmp_path / "exp" / "exp_a" / "logs" / "study_0_ogbg_jax.log"

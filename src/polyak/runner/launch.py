@@ -42,6 +42,8 @@ from pathlib import Path
 
 from polyak.files import atomic_write_json
 from polyak.runner.commands import (
+    DEFAULT_NUM_STUDIES,
+    DEFAULT_NUM_TRIALS,
     SEED_RANGE,
     LaunchPlan,
     RunSettings,
@@ -281,6 +283,14 @@ def run_algoperf_suite(
         f"{num_trials} trial(s), search space {search_space_arg or '(self-tuning)'}, "
         f"seed {seed}"
     )
+    required_trials = DEFAULT_NUM_TRIALS[settings.tuning_ruleset]
+    if settings.num_studies < DEFAULT_NUM_STUDIES or num_trials < required_trials:
+        out(
+            f"warning: {settings.num_studies} stud{'y' if settings.num_studies == 1 else 'ies'} x "
+            f"{num_trials} trial(s) per workload; the leaderboard scores {DEFAULT_NUM_STUDIES} "
+            f"x {required_trials} ({settings.tuning_ruleset} tuning), so these results cannot "
+            "give a leaderboard-grade score (the report will say so too)"
+        )
     slots = [
         _inspect(
             settings,
