@@ -3,19 +3,23 @@
 #   docker build -t polyak:pytorch --build-arg framework=pytorch .
 #   docker build -t polyak:jax --build-arg framework=jax .
 #
-# The entrypoint runs one (or more) AlgoPerf workloads through polyak's runner,
-# which launches AlgoPerf's submission_runner with python or torchrun:
+# The entrypoint (docker/entrypoint.py) takes the flags of AlgoPerf's own
+# docker/scripts/startup.sh, so AlgoPerf's scoring/utils/run_workloads.py can drive
+# this image as it drives AlgoPerf's; data at /data/<dataset>, results in
+# /experiment_runs, logs in /logs:
 #
-#   docker run --rm --gpus=all --ipc=host \
-#     -v $HOME/data:/data -v $HOME/experiment_runs:/experiment_runs \
-#     polyak:pytorch --workloads=ogbg --framework=pytorch --submission=nadamw \
-#     --data_dir=/data --experiment_dir=/experiment_runs --experiment_name=nadamw_study_1 \
-#     --tuning_ruleset=external --tuning_search_space=tuning_search_spaces/nadamw.json \
-#     --num_tuning_trials=5 --launcher=torchrun --nproc_per_node=8
+#   docker run --rm --gpus=all --ipc=host -v $HOME/data:/data \
+#     -v $HOME/experiment_runs:/experiment_runs -v $HOME/experiment_runs/logs:/logs \
+#     polyak:pytorch -d ogbg -f pytorch -s submissions/nadamw/pytorch/submission.py \
+#     -w ogbg -e nadamw_nadamw_lawa/study_0 -t tuning_search_spaces/nadamw_lawa.json \
+#     -o false --tuning_ruleset external --num_tuning_trials 5 --rng_seed 1 --nproc_per_node 4
 #
-# (scripts/run_workloads.py --launcher=docker prints exactly this command.)
+# (scripts/run_workloads.py --launcher=docker prints such commands.) Any other flags
+# go to polyak's runner: scripts/run_workloads.py --suite=algoperf <flags>.
 
-ARG CUDA_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+# AlgoPerf's own docker/Dockerfile at the pinned commit builds on this CUDA/cuDNN
+# image (cuDNN 9.x, as its jax_gpu extra needs), not on a 12.4 runtime image.
+ARG CUDA_IMAGE=nvidia/cuda:12.9.0-cudnn-devel-ubuntu20.04
 FROM ${CUDA_IMAGE}
 
 # jax | pytorch: which framework gets the GPU build (the other one is installed
@@ -72,8 +76,9 @@ RUN pip install ".[torch,jax]"
 COPY submissions ./submissions
 COPY tuning_search_spaces ./tuning_search_spaces
 COPY scripts ./scripts
+COPY docker ./docker
 
-RUN mkdir -p /data /experiment_runs
+RUN mkdir -p /data /experiment_runs /logs
 
-ENTRYPOINT ["python", "scripts/run_workloads.py", "--suite=algoperf"]
+ENTRYPOINT ["python", "docker/entrypoint.py"]
 CMD ["--help"]

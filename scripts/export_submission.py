@@ -27,16 +27,25 @@ flags.DEFINE_string("optimizer", "nadamw", f"One of {OPTIMIZERS}.")
 flags.DEFINE_string("framework", "pytorch", f"One of {FRAMEWORKS}.")
 flags.DEFINE_string("averaging", "lawa", f"One of {AVERAGING_MODES}.")
 flags.DEFINE_string("ruleset", "external", f"One of {RULESETS}.")
-flags.DEFINE_string("name", None, "Submission name, also the folder name in the leaderboard repo.")
+flags.DEFINE_string(
+    "name", None, "Folder name in the leaderboard repository (lowercase, no spaces)."
+)
+flags.DEFINE_string(
+    "display_name", "", "submission_name as shown on the leaderboard (default: derived)."
+)
+flags.DEFINE_string("version", "1.0", "submission_info.yml version, e.g. 1.0.")
 flags.DEFINE_string("authors", "", "Comma-separated author names.")
 flags.DEFINE_string("affiliations", "", "Comma-separated affiliations.")
-flags.DEFINE_string("out", None, "Folder to write (must be empty unless --force).")
-flags.DEFINE_bool("force", False, "Replace a non-empty --out folder.")
+flags.DEFINE_string(
+    "out", None, "Folder to write (default export/<name>); never '.', the checkout or above."
+)
+flags.DEFINE_bool("force", False, "Replace --out when it holds an earlier export (only then).")
 FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     name = FLAGS.name or f"polyak_{FLAGS.optimizer}_{FLAGS.averaging}_{FLAGS.framework}"
     out = Path(FLAGS.out) if FLAGS.out else Path("export") / name
     try:
@@ -50,6 +59,8 @@ def main(argv: list[str]) -> int:
             affiliations=FLAGS.affiliations,
             out=out,
             force=FLAGS.force,
+            display_name=FLAGS.display_name,
+            version=FLAGS.version,
         )
         written = export_submission(request)
     except ExportError as error:

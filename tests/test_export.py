@@ -19,7 +19,8 @@ from polyak.algoperf.export import (
 
 REPO = Path(__file__).resolve().parent.parent
 
-INFO_FIELDS = {
+# The fields of the leaderboard's v0.6 submission_info.yml entries, in their order.
+INFO_FIELDS = [
     "submission_name",
     "submission_folder",
     "authors",
@@ -28,7 +29,11 @@ INFO_FIELDS = {
     "ruleset",
     "framework",
     "description",
-}
+]
+# How the v0.6 entries spell the ruleset, the framework and the folder.
+LEADERBOARD_RULESET = {"external": "external", "self": "self-tuning"}
+LEADERBOARD_FRAMEWORK = {"pytorch": "PyTorch", "jax": "JAX"}
+LEADERBOARD_FOLDER = {"external": "external_tuning", "self": "self_tuning"}
 
 
 def _request(tmp_path: Path, **kwargs: object) -> ExportRequest:
@@ -53,9 +58,14 @@ def test_layout_and_info(tmp_path: Path, framework: str, ruleset: str) -> None:
     export_submission(request)
     out = request.out
     assert (out / "submission.py").is_file() and (out / "__init__.py").is_file()
-    info = yaml.safe_load((out / "submission_info.yml").read_text())
-    assert set(info) == INFO_FIELDS
-    assert (info["ruleset"], info["framework"]) == (ruleset, framework)
+    text = (out / "submission_info.yml").read_text()
+    info = yaml.safe_load(text)
+    assert list(info) == INFO_FIELDS
+    assert info["ruleset"] == LEADERBOARD_RULESET[ruleset]
+    assert info["framework"] == LEADERBOARD_FRAMEWORK[framework]
+    assert info["submission_folder"] == f"submissions/{LEADERBOARD_FOLDER[ruleset]}/polyak_test"
+    assert info["version"] == "1.0" and 'version: "1.0"' in text
+    assert "description: >-\n  " in text
     assert (out / "tuning_search_space.json").exists() == (ruleset == "external")
     if ruleset == "external":
         points = json.loads((out / "tuning_search_space.json").read_text())
@@ -88,14 +98,85 @@ def test_closure_follows_imports_and_not_the_other_framework() -> None:
 
 def test_refuses_to_overwrite_unless_forced(tmp_path: Path) -> None:
     request = _request(tmp_path)
-    request.out.mkdir()
-    (request.out / "keep.txt").write_text("precious")
+    export_submission(request)
+    (request.out / "submission.py").write_text("stale")
     with pytest.raises(ExportError, match="is not empty; pass --force"):
         export_submission(request)
-    assert (request.out / "keep.txt").read_text() == "precious"
+    assert (request.out / "submission.py").read_text() == "stale"
     export_submission(_request(tmp_path, force=True))
-    assert not (request.out / "keep.txt").exists()
+    assert (request.out / "submission.py").read_text() != "stale"
     assert (request.out / VENDORED_PACKAGE).is_dir()
+    # Only the destination remains: no staging or retired folder is left beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_force_never_deletes_files_an_export_did_not_write(tmp_path: Path) -> None:
+    request = _request(tmp_path, force=True)
+    request.out.mkdir()
+    (request.out / "keep.txt").write_text("precious")
+    with pytest.raises(ExportError, match=r"holds files an export did not write \(keep\.txt\)"):
+        export_submission(request)
+    assert (request.out / "keep.txt").read_text() == "precious"
+    # A folder of the right names that no export wrote (README without the mark) is kept too.
+    (request.out / "keep.txt").unlink()
+    (request.out / "README.md").write_text("my notes")
+    with pytest.raises(ExportError, match=r"README\.md \(not written by"):
+        export_submission(request)
+    assert (request.out / "README.md").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("where", ["cwd", "cwd_parent", "repo", "repo_parent", "package"])
+def test_out_that_could_hold_other_data_is_refused(tmp_path: Path, where: str) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("keep")
+    out = {
+        "cwd": Path("."),
+        "cwd_parent": Path(".."),
+        "repo": REPO,
+        "repo_parent": REPO.parent,
+        "package": REPO / "src" / "polyak" / "export_here",
+    }[where]
+    with pytest.raises(ExportError, match=f"--out={str(out)!r}".replace(".", r"\.")):
+        export_submission(_request(tmp_path, out=out, force=True), cwd=work)
+    assert (work / "precious.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_export_script_refuses_dot_and_keeps_the_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "precious.txt").write_text("keep")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "export_submission.py"), "--out=.", "--force"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--out='.' is the current directory" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
+
+
+def test_submission_info_reads_back_with_awkward_text(tmp_path: Path) -> None:
+    request = _request(
+        tmp_path,
+        ruleset="self",
+        authors="O'Brien, Zoë: #1",
+        affiliations="",
+        display_name="polyak: NadamW # LAWA",
+        version="2.1",
+    )
+    export_submission(request)
+    text = (request.out / "submission_info.yml").read_text()
+    info = yaml.safe_load(text)
+    assert info["authors"] == "O'Brien, Zoë: #1"
+    assert info["affiliations"] == "" and 'affiliations: ""' in text
+    assert info["submission_name"] == "polyak: NadamW # LAWA"
+    assert info["version"] == "2.1" and info["ruleset"] == "self-tuning"
 
 
 @pytest.mark.parametrize(
@@ -106,6 +187,8 @@ def test_refuses_to_overwrite_unless_forced(tmp_path: Path) -> None:
         ("averaging", "swa", "--averaging='swa' is unknown"),
         ("ruleset", "open", "--ruleset='open' is unknown"),
         ("name", "../escape", "--name='../escape' must be a folder name"),
+        ("name", "Polyak Test", "--name='Polyak Test' must be a folder name"),
+        ("version", "v1", "--version='v1'; expected a number"),
     ],
 )
 def test_unknown_choices_are_clear_errors(
@@ -184,5 +267,6 @@ def test_exported_folder_imports_where_polyak_cannot(tmp_path: Path, framework: 
         "'get_batch_size', 'data_selection')\n"
         "assert all(callable(getattr(m, n)) for n in names)\n"
         "assert m.get_batch_size('ogbg') == 512\n"
+        "assert m.get_batch_size('finewebedu_lm') == 64\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300, cwd=tmp_path)

@@ -1,8 +1,9 @@
 """Launch plans: the exact AlgoPerf command lines for every workload, framework and launcher.
 
 The expected argv lists are written out here from the rules (DESIGN.md "Runner",
-AlgoPerf's submission_runner flags and docker/scripts/startup.sh data layout),
-not taken from the code under test.
+AlgoPerf's submission_runner flags, docker/scripts/startup.sh's flags and data
+layout, the study_<k> layout of its scoring scripts), not taken from the code
+under test. Seeds: one per study and workload, a hash of the experiment's seed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from polyak.runner import commands
-from polyak.runner.commands import RunSettings, build_plan
+from polyak.runner.commands import RunSettings, build_plan, study_seed
 from polyak.runner.errors import (
     LaunchConfigError,
     SearchSpaceError,
@@ -72,7 +73,9 @@ def repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "repo")
 
 
-def expected_runner_flags(workload, framework, data, exp, *, trials=3, resume=False, start=0):
+def expected_runner_flags(
+    workload, framework, data, exp, *, trials=3, resume=False, start=0, study=0
+):
     folder = f"{data}/{DATASET_FOLDER[workload].format(fw=framework)}"
     flags = [
         f"--framework={framework}",
@@ -86,14 +89,14 @@ def expected_runner_flags(workload, framework, data, exp, *, trials=3, resume=Fa
         flags.append(f"--librispeech_tokenizer_vocab_path={folder}/spm_model.vocab")
     flags += [
         f"--experiment_dir={exp}",
-        "--experiment_name=study_1",
+        f"--experiment_name=exp_a/study_{study}",
         "--tuning_ruleset=external",
         "--tuning_search_space=tuning_search_spaces/nadamw.json",
         f"--num_tuning_trials={trials}",
     ]
     if start:
         flags.append(f"--hparam_start_index={start}")
-    flags += ["--rng_seed=7", "--max_global_steps=100"]
+    flags += [f"--rng_seed={study_seed(7, study, workload)}", "--max_global_steps=100"]
     flags.append("--resume_last_run" if resume else "--overwrite")
     return flags
 
@@ -116,11 +119,8 @@ def expected_argv(launcher, workload, framework, data, exp):
             "submission_runner",
             *expected_runner_flags(workload, framework, data, exp),
         ]
-    inner = (
-        ["--launcher=torchrun", "--nproc_per_node=4"]
-        if framework == "pytorch"
-        else ["--launcher=python"]
-    )
+    # startup.sh's flags; the dataset folder name, not the workload's.
+    dataset = DATASET_FOLDER[workload].split("/")[0]
     return [
         "docker",
         "run",
@@ -131,19 +131,15 @@ def expected_argv(launcher, workload, framework, data, exp):
         f"{data}:/data",
         "-v",
         f"{exp}:/experiment_runs",
+        "-v",
+        f"{exp}/logs:/logs",
         f"polyak:{framework}",
-        f"--workloads={workload}",
-        f"--framework={framework}",
-        "--submission=nadamw",
-        "--data_dir=/data",
-        "--experiment_dir=/experiment_runs",
-        "--experiment_name=study_1",
-        "--tuning_ruleset=external",
-        "--tuning_search_space=tuning_search_spaces/nadamw.json",
-        "--num_tuning_trials=3",
-        "--rng_seed=7",
-        "--max_global_steps=100",
-        *inner,
+        *("-d", dataset, "-f", framework),
+        *("-s", f"submissions/nadamw/{framework}/submission.py", "-w", workload),
+        *("-e", "exp_a/study_0", "-t", "tuning_search_spaces/nadamw.json"),
+        *("-m", "100", "-o", "true", "--tuning_ruleset", "external", "--num_tuning_trials", "3"),
+        *("--rng_seed", str(study_seed(7, 0, workload))),
+        *(["--nproc_per_node", "4"] if framework == "pytorch" else []),
     ]
 
 
@@ -153,7 +149,8 @@ def settings_for(launcher, framework, data, exp, **overrides):
         submission="nadamw",
         data_dir=str(data),
         experiment_dir=str(exp),
-        experiment_name="study_1",
+        experiment_name="exp_a",
+        num_studies=1,
         num_tuning_trials=5,  # clipped to the 3 points in the file, as AlgoPerf does
         rng_seed=7,
         max_global_steps=100,
@@ -227,15 +224,23 @@ def test_multi_node_torchrun_replaces_standalone(repo, tmp_path):
 def test_resume_plan_skips_finished_trials(repo, tmp_path):
     data, exp = tmp_path / "data", tmp_path / "exp"
     settings = settings_for("python", "jax", data, exp).with_absolute_paths()
-    plan = build_plan("ogbg", settings, repo, resume=True, first_trial=3)
+    plan = build_plan(
+        "ogbg",
+        settings,
+        repo,
+        resume=True,
+        first_trial=3,
+        study=2,
+        rng_seed=study_seed(7, 2, "ogbg"),
+    )
     assert list(plan.argv) == [
         "python",
         "-m",
         "submission_runner",
-        *expected_runner_flags("ogbg", "jax", str(data), str(exp), resume=True, start=2),
+        *expected_runner_flags("ogbg", "jax", str(data), str(exp), resume=True, start=2, study=2),
     ]
-    assert plan.workload_dir == exp / "study_1" / "ogbg_jax"
-    assert plan.log_path == exp / "study_1" / "logs" / "ogbg_jax.log"
+    assert plan.workload_dir == exp / "exp_a" / "study_2" / "ogbg_jax"
+    assert plan.log_path == exp / "exp_a" / "logs" / "study_2_ogbg_jax.log"
     assert (plan.first_trial, plan.num_trials) == (3, 3)
 
 
@@ -368,7 +373,7 @@ def test_cli_dry_run_and_errors(repo, tmp_path):
             "--launcher=torchrun",
             "--nproc_per_node=2",
             "--num_tuning_trials=2",
-            "--experiment_name=study_1",
+            "--experiment_name=exp_a",
             "--dry_run",
         ],
         capture_output=True,
@@ -377,7 +382,14 @@ def test_cli_dry_run_and_errors(repo, tmp_path):
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    ((_, argv),) = dry_run_commands(done.stdout.splitlines())
+    found = dry_run_commands(done.stdout.splitlines())
+    # The leaderboard's three studies, each under study_<k> with its own seed.
+    assert len(found) == 3
+    names = [a for _, argv in found for a in argv if a.startswith("--experiment_name=")]
+    assert names == [f"--experiment_name=exp_a/study_{k}" for k in range(3)]
+    seeds = {a for _, argv in found for a in argv if a.startswith("--rng_seed=")}
+    assert len(seeds) == 3
+    argv = found[0][1]
     assert argv[:6] == [
         "torchrun",
         "--standalone",
@@ -404,14 +416,20 @@ def test_docker_forwards_overwrite_and_multi_node(repo, tmp_path):
     ).with_absolute_paths()
     argv = list(build_plan("ogbg", settings, repo, resume=False, overwrite=True).argv)
     assert argv[:6] == ["docker", "run", "--rm", "--gpus=all", "--ipc=host", "--network=host"]
-    assert argv[-6:] == [
-        "--overwrite",
-        "--launcher=torchrun",
-        "--nproc_per_node=4",
-        "--nnodes=2",
-        "--rdzv_endpoint=n0:29500",
-        "--rdzv_backend=c10d",
+    assert argv[argv.index("-o") + 1] == "true"
+    assert argv[-8:] == [
+        "--nproc_per_node",
+        "4",
+        "--nnodes",
+        "2",
+        "--rdzv_endpoint",
+        "n0:29500",
+        "--rdzv_backend",
+        "c10d",
     ]
+    resumed = list(build_plan("ogbg", settings, repo, resume=True, first_trial=2).argv)
+    assert resumed[resumed.index("-o") + 1] == "false"
+    assert resumed[resumed.index("--hparam_start_index") + 1] == "1"
     # A search space outside the checkout is mounted read-only into the container.
     outside = tmp_path / "mine.json"
     outside.write_text(json.dumps(POINTS))
@@ -420,4 +438,4 @@ def test_docker_forwards_overwrite_and_multi_node(repo, tmp_path):
     ).with_absolute_paths()
     argv = list(build_plan("ogbg", settings, repo, resume=False).argv)
     assert f"{outside.resolve()}:/search_spaces/mine.json:ro" in argv
-    assert "--tuning_search_space=/search_spaces/mine.json" in argv
+    assert argv[argv.index("-t") + 1] == "/search_spaces/mine.json"

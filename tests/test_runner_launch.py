@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from polyak import files
 from polyak.runner import completion, launch
-from polyak.runner.commands import RunSettings
-from polyak.runner.errors import AlgoPerfMissingError, DataDirError
+from polyak.runner.commands import RunSettings, study_seed
+from polyak.runner.errors import (
+    AlgoPerfMissingError,
+    DataDirError,
+    LaunchConfigError,
+    RunnerError,
+    SearchSpaceError,
+)
 from polyak.runner.launch import run_algoperf_suite
 from polyak.runner.progress import ProgressTracker, parse_metrics
 from polyak.runner.workload_table import FALLBACK_TABLE
@@ -46,8 +53,9 @@ def settings(tmp_path: Path) -> RunSettings:
         framework="jax",
         data_dir=str(data),
         experiment_dir=str(tmp_path / "exp"),
-        experiment_name="study_1",
+        experiment_name="exp_a",
         num_tuning_trials=3,
+        num_studies=1,
     )
 
 
@@ -72,13 +80,19 @@ class FakeAlgoPerf:
 
     def __call__(self, plan, on_line):
         self.calls.append(list(plan.argv))
+        if "--overwrite" in plan.argv and plan.workload_dir.exists():
+            shutil.rmtree(plan.workload_dir)  # what AlgoPerf's --overwrite does
         start = int(flag_value(plan.argv, "hparam_start_index") or 0)
         total = int(flag_value(plan.argv, "num_tuning_trials"))
         metric = FALLBACK_TABLE[plan.workload].validation_column
+        space = json.loads((plan.cwd / flag_value(plan.argv, "tuning_search_space")).read_text())
         for index in range(start, total):
             trial = index + 1
             folder = plan.workload_dir / f"trial_{trial}"
             folder.mkdir(parents=True, exist_ok=True)
+            # AlgoPerf keeps an existing hparams.json (it reuses it on resume).
+            if not (folder / "hparams.json").exists():
+                (folder / "hparams.json").write_text(json.dumps(space[index]))
             on_line(f"I0101 logging.py:1] --- Tuning run {trial}/{total} ---")
             (folder / "eval_measurements.csv").write_text(
                 f"accumulated_submission_time,global_step,score,{metric}\n1.5,1,1.5,0.01\n"
@@ -110,18 +124,25 @@ def test_run_resume_and_skip(repo, settings, tmp_path):
         ("ogbg", "failed", 1),
         ("wmt", "finished", 0),
     ]
-    ogbg_dir = tmp_path / "exp" / "study_1" / "ogbg_jax"
+    ogbg_dir = tmp_path / "exp" / "exp_a" / "study_0" / "ogbg_jax"
     # Trials 1 and 2 ended (AlgoPerf's end row) -> finished; trial 3 crashed -> not finished.
     assert completion.finished_trials(ogbg_dir, 3) == [1, 2]
     assert outcomes[0].trials_marked == (1, 2)
     assert any("FAILED with exit status 1" in line for line in lines)
     assert any("CUDA out of memory" in line for line in lines)
-    assert any("ogbg_jax trial 2/3 step 1:" in line for line in lines)
-    # First launch of each workload starts fresh; logs go one file per workload.
+    assert any("study_0/ogbg_jax trial 2/3 step 1:" in line for line in lines)
+    assert any("the leaderboard scores 3 x 5 (external tuning)" in line for line in lines)
+    # First launch of each workload starts fresh; logs go one file per study and workload.
     assert fake.calls[0][-1] == "--overwrite"
-    log = tmp_path / "exp" / "study_1" / "logs" / "ogbg_jax.log"
+    log = tmp_path / "exp" / "exp_a" / "logs" / "study_0_ogbg_jax.log"
     assert "CUDA out of memory" in log.read_text()
-    assert (tmp_path / "exp" / "study_1" / "logs" / "wmt_jax.log").is_file()
+    assert (tmp_path / "exp" / "exp_a" / "logs" / "study_0_wmt_jax.log").is_file()
+    # The marker records what ran: this point, no step limit, the study's seed.
+    seed = json.loads((tmp_path / "exp" / "exp_a" / launch.EXPERIMENT_RECORD).read_text())
+    marker = completion.read_marker(ogbg_dir / "trial_2")
+    assert marker["identity"]["hyperparameters"] == POINTS[1]
+    assert marker["identity"]["rng_seed"] == study_seed(seed["rng_seed"], 0, "ogbg")
+    assert flag_value(fake.calls[0], "rng_seed") == str(marker["identity"]["rng_seed"])
 
     # Resume: wmt is skipped; ogbg resumes at trial 3 only.
     fake2 = FakeAlgoPerf()
@@ -162,7 +183,8 @@ def test_crash_without_end_row_marks_nothing(repo, settings, tmp_path):
         "wmt", settings, repo_root=repo, runner=crash, out=lambda line: None
     )
     assert outcomes[0].status == "failed"
-    assert completion.finished_trials(tmp_path / "exp" / "study_1" / "wmt_jax", 3) == []
+    wmt_dir = tmp_path / "exp" / "exp_a" / "study_0" / "wmt_jax"
+    assert completion.finished_trials(wmt_dir, 3) == []
 
 
 def test_missing_launcher_executable_is_reported(repo, settings):
@@ -233,8 +255,13 @@ def test_junk_marker_is_not_finished(tmp_path):
 
 def test_progress_lines_from_algoperf_log():
     lines: list[str] = []
-    tracker = ProgressTracker("ogbg_jax", FALLBACK_TABLE["ogbg"], lines.append, num_trials=5)
+    now = [1000.0]
+    tracker = ProgressTracker(
+        "ogbg_jax", FALLBACK_TABLE["ogbg"], lines.append, num_trials=5, clock=lambda: now[0]
+    )
+    now[0] += 600  # trial 1 took 10 minutes
     tracker.feed("I0905 submission_runner.py:600] --- Tuning run 2/5 ---")
+    now[0] += 1200  # 20 minutes into trial 2
     eval_line = (
         "I0905 submission_runner.py:512] Time since start: 812.34s, \tStep: 4000, \t"
         "{'validation/mean_average_precision': np.float64(0.2815), 'validation/loss': "
@@ -243,13 +270,114 @@ def test_progress_lines_from_algoperf_log():
     tracker.feed(eval_line)
     tracker.feed(eval_line)  # another rank logs the same eval
     tracker.feed("I0905 submission_runner.py:720] Final ogbg score: 790.5")
+    # Budgets: 790.5 s of 12011 s is 6.6%; step 4000 of the 52000-step hint is 7.7%.
+    # 20 minutes for 6.58% of the time budget: the trial needs 20 / 0.06582 = 303.88 min,
+    # 283.88 min (4 h 43.9 min) to go, and 3 more trials of 303.88 min: 1195.5 min in all.
     assert lines == [
         "  ogbg_jax: trial 2/5 started",
         "  ogbg_jax trial 2/5 step 4000: validation/mean_average_precision=0.2815 "
-        "(target >= 0.28098) TARGET REACHED submission time 790.5s",
+        "(target >= 0.28098) TARGET REACHED submission time 790.5s | elapsed 30m00s, "
+        "8% of step hint, 7% of time budget, ETA trial 4h43m, all trials 19h55m "
+        "(if none stops early)",
         "  ogbg_jax: final score (submission time) 790.5",
     ]
     assert parse_metrics("{'validation/wer': 0.1, 'test/wer': nan, 'x': 'y'}") == {
         "validation/wer": 0.1,
         "test/wer": pytest.approx(float("nan"), nan_ok=True),
     }
+
+
+def test_rerun_with_other_settings_is_refused_then_rerun_on_request(repo, settings, tmp_path):
+    run_algoperf_suite("wmt", settings, repo_root=repo, runner=FakeAlgoPerf(), out=print)
+    wmt_dir = tmp_path / "exp" / "exp_a" / "study_0" / "wmt_jax"
+    assert completion.finished_trials(wmt_dir, 3) == [1, 2, 3]
+    # Another step limit: the old trials would be reported as this run's. Refused.
+    limited = RunSettings(**{**settings.__dict__, "max_global_steps": 100})
+    fake = FakeAlgoPerf()
+    with pytest.raises(RunnerError, match="max_global_steps: ran with None, now 100") as info:
+        run_algoperf_suite("wmt", limited, repo_root=repo, runner=fake, out=print)
+    assert "--overwrite" in str(info.value) and fake.calls == []
+    # Another search space under the same experiment name: refused too.
+    (repo / "tuning_search_spaces" / "nadamw.json").write_text(
+        json.dumps([{"learning_rate": 0.5 * (k + 1)} for k in range(3)])
+    )
+    with pytest.raises(RunnerError, match=r"hyperparameters: learning_rate: 0\.001 -> 0\.5"):
+        run_algoperf_suite("wmt", settings, repo_root=repo, runner=fake, out=print)
+    # On request, everything reruns from scratch with the new settings.
+    run_algoperf_suite(
+        "wmt", limited, repo_root=repo, runner=fake, overwrite=True, out=lambda line: None
+    )
+    assert fake.calls[0][-1] == "--overwrite"
+    marker = completion.read_marker(wmt_dir / "trial_1")
+    assert marker["identity"]["max_global_steps"] == 100
+
+
+def test_started_trial_with_other_hyperparameters_is_refused(repo, settings, tmp_path):
+    folder = tmp_path / "exp" / "exp_a" / "study_0" / "wmt_jax" / "trial_1"
+    folder.mkdir(parents=True)
+    (folder / "hparams.json").write_text(json.dumps({"learning_rate": 0.9}))
+    with pytest.raises(RunnerError, match=r"its hparams\.json .* learning_rate: 0\.9 -> 0\.001"):
+        run_algoperf_suite("wmt", settings, repo_root=repo, runner=FakeAlgoPerf(), out=print)
+
+
+def test_studies_seeds_and_layout(repo, settings, tmp_path):
+    three = RunSettings(**{**settings.__dict__, "num_studies": 3, "rng_seed": 11})
+    fake = FakeAlgoPerf()
+    run_algoperf_suite("ogbg", three, repo_root=repo, runner=fake, out=lambda line: None)
+    names = [flag_value(argv, "experiment_name") for argv in fake.calls]
+    assert names == ["exp_a/study_0", "exp_a/study_1", "exp_a/study_2"]
+    seeds = [int(flag_value(argv, "rng_seed")) for argv in fake.calls]
+    assert seeds == [study_seed(11, k, "ogbg") for k in range(3)] and len(set(seeds)) == 3
+    for k in range(3):
+        folder = tmp_path / "exp" / "exp_a" / f"study_{k}" / "ogbg_jax"
+        assert completion.finished_trials(folder, 3) == [1, 2, 3]
+
+
+def test_averaging_picks_the_search_space_and_names_the_experiment(repo, settings, tmp_path):
+    spaces = repo / "tuning_search_spaces"
+    (spaces / "nadamw_lawa.json").write_text(
+        json.dumps([{**p, "averaging": "lawa"} for p in POINTS])
+    )
+    lawa = RunSettings(**{**settings.__dict__, "averaging": "lawa", "experiment_name": None})
+    lines: list[str] = []
+    run_algoperf_suite("wmt", lawa, repo_root=repo, dry_run=True, out=lines.append)
+    command = next(line for line in lines if line.startswith("  $ "))
+    assert "--tuning_search_space=tuning_search_spaces/nadamw_lawa.json" in command
+    assert "--experiment_name=nadamw_nadamw_lawa/study_0" in command
+    plain = RunSettings(**{**settings.__dict__, "experiment_name": None})
+    lines = []
+    run_algoperf_suite("wmt", plain, repo_root=repo, dry_run=True, out=lines.append)
+    assert any("--experiment_name=nadamw_nadamw/study_0" in line for line in lines)
+    # A mode without a search space, or one the given space does not use: refused.
+    with pytest.raises(SearchSpaceError, match=r"--averaging=ema: .*nadamw_ema\.json does not"):
+        run_algoperf_suite(
+            "wmt",
+            RunSettings(**{**lawa.__dict__, "averaging": "ema"}),
+            repo_root=repo,
+            dry_run=True,
+        )
+    with pytest.raises(SearchSpaceError, match="asks for averaging none"):
+        run_algoperf_suite(
+            "wmt",
+            RunSettings(
+                **{**lawa.__dict__, "tuning_search_space": "tuning_search_spaces/nadamw.json"}
+            ),
+            repo_root=repo,
+            dry_run=True,
+        )
+    # TWA exists for PyTorch only: with JAX it would run nothing.
+    with pytest.raises(LaunchConfigError, match="PyTorch only"):
+        RunSettings(framework="jax", averaging="twa")
+    with pytest.raises(LaunchConfigError, match="self-tuning"):
+        RunSettings(framework="jax", averaging="lawa", tuning_ruleset="self")
+
+
+def test_experiment_dir_that_is_a_file_fails_once_up_front(repo, settings, tmp_path):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("x")
+    for given in (a_file, a_file / "sub"):
+        bad = RunSettings(**{**settings.__dict__, "experiment_dir": str(given)})
+        fake = FakeAlgoPerf()
+        with pytest.raises(LaunchConfigError, match=r"--experiment_dir=.*(is a file|lies under)"):
+            run_algoperf_suite("ogbg,wmt", bad, repo_root=repo, runner=fake)
+        assert fake.calls == []

@@ -43,8 +43,9 @@ def test_side_by_side_hours_and_scores(tmp_path):
     # ogbg (>= 0.28098, budget 12011 s): nadamw hits at 7200 s, lawa at 3600 s
     write_trial(base, "ogbg", [(1000, 7200.0, 0.29)], "mean_average_precision", 0.28098, 12011)
     write_trial(lawa, "ogbg", [(500, 3600.0, 0.30)], "mean_average_precision", 0.28098, 12011)
-    # wmt (>= 30.8491, budget 43336 s): nadamw misses, lawa hits at 36000 s
-    write_trial(base, "wmt", [(1000, 40000.0, 29.0)], "bleu", 30.8491, 43336)
+    # wmt (>= 30.8491, budget 43336 s, eval period 840 s): nadamw misses (its last eval
+    # is within an eval period of the budget, so it ran to its end), lawa hits at 36000 s
+    write_trial(base, "wmt", [(1000, 42900.0, 29.0)], "bleu", 30.8491, 43336)
     write_trial(lawa, "wmt", [(1000, 36000.0, 31.0)], "bleu", 30.8491, 43336)
     trials = load_results(base) + load_results(lawa)
     files = build_report(trials, tmp_path / "report", num_accelerators=8, title="T")
@@ -66,7 +67,7 @@ def test_side_by_side_hours_and_scores(tmp_path):
     assert {p.name for p in files.plots} == {
         "ogbg_pytorch.png",
         "wmt_pytorch.png",
-        "performance_profile_pytorch.png",
+        "performance_profile.png",
     }
     assert "![ogbg_pytorch](plots/ogbg_pytorch.png)" in text
     assert not list((tmp_path / "report").glob(".*.tmp"))  # no temporary files left
@@ -94,7 +95,9 @@ def test_report_cli_compares_folders(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "base" in done.stdout and "other" in done.stdout
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "## Side by side (pytorch), baseline `base`" in text
+    # Both folders hold a jax and a pytorch run: one pooled profile of four submissions.
+    assert "## Side by side (pooled: jax+pytorch), baseline `base (jax)`" in text
+    assert "| workload | base (jax) | base (pytorch) | other (jax) | other (pytorch) |" in text
     assert not (tmp_path / "out" / "plots").exists()
     bad = subprocess.run(
         [sys.executable, str(script), f"--experiments={tmp_path / 'missing'}"],
@@ -104,3 +107,30 @@ def test_report_cli_compares_folders(tmp_path):
         check=False,
     )
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    a_file = tmp_path / "a_file.csv"
+    a_file.write_text("x\n")
+    bad = subprocess.run(
+        [sys.executable, str(script), f"--experiments={a_file}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2 and f"{a_file} is a file, not an experiment directory" in bad.stderr
+
+
+def test_unfinished_trials_are_not_misses_and_the_report_warns(tmp_path):
+    run = tmp_path / "nadamw"
+    # A crash after 100 s of a 12011 s budget: no hit, no sign that it ran to its end.
+    write_trial(run, "ogbg", [(10, 100.0, 0.1)], "mean_average_precision", 0.28098, 12011)
+    files = build_report(load_results(run), tmp_path / "report", plots=False)
+    text = files.markdown.read_text()
+    assert "## WARNING: not a leaderboard-grade score" in text
+    assert "1 trial(s) unfinished" in text and "1 studies where the leaderboard scores 3" in text
+    assert "1 trial(s) per study where the external ruleset asks for 5" in text
+    assert "7 of the 8 scored workloads" in text
+    (row,) = csv.DictReader(files.tables["workloads"].open())
+    assert row["status"] == "unfinished" and row["unfinished_trials"] == "1"
+    (score,) = csv.DictReader(files.tables["scores"].open())
+    assert float(score["accelerator_hours"]) == 0.0  # not charged the budget
+    assert "| ogbg | " in text and "| unfinished |" in text

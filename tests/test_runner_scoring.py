@@ -10,13 +10,18 @@ counts half of it. The ratios 1.5, 2.5 and 3.5 are such midpoints
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from polyak.runner.errors import RunnerError
+from polyak.runner.report import compare
+from polyak.runner.results import aggregate, load_results
 from polyak.runner.scoring import benchmark_scores, performance_profiles, performance_ratios
+from polyak.runner.workload_table import metric_direction
 
 INF = math.inf
 
@@ -93,3 +98,109 @@ def test_reference_submission_and_ties():
         performance_ratios(times, ["w1"], reference="D")
     with pytest.raises(RunnerError, match="no submissions"):
         performance_profiles({}, ["w1"])
+
+
+# --- the leaderboard's pooled score, from a slice of the real v0.6 logs -------------------
+
+V06_SLICE = Path(__file__).parent / "fixtures" / "algoperf" / "v06_external_tuning_slice.json"
+# The v0.6 external-tuning leaderboard (mlcommons/submissions_algorithms README).
+OFFICIAL_V06_SCORES = {"baseline": 0.4590, "shampoo": 0.6244}
+
+
+def _miss_value(target: float, direction: str) -> float:
+    return target + 1.0 if direction == "min" else target - 1.0
+
+
+def _rebuild_v06_logs(root: Path) -> None:
+    """eval_measurements.csv and meta_data_0.json files carrying the slice's numbers:
+    every eval before the recorded first hit misses the target, the hit lands at its
+    recorded eval index and submission time, and the last eval is the recorded one."""
+    data = json.loads(V06_SLICE.read_text())
+    for name, submission in data["submissions"].items():
+        framework = submission["framework"]
+        for workload, studies in submission["trials"].items():
+            info = data["workloads"][workload]
+            metric, target = info["metric"], info["target"]
+            direction = metric_direction(metric)
+            for study, trials in studies.items():
+                for trial, entry in trials.items():
+                    evals, last_step, last_time = entry[:3]
+                    hit_index, hit_time = (entry[3], entry[4]) if len(entry) > 3 else (None, None)
+                    folder = root / name / study / f"{workload}_{framework}" / f"trial_{trial}"
+                    folder.mkdir(parents=True)
+                    rows = ["global_step,accumulated_submission_time,score,validation/" + metric]
+                    for i in range(evals):
+                        if hit_index is not None and i <= hit_index:
+                            seconds = hit_time * (i + 1) / (hit_index + 1)
+                        else:
+                            start = hit_time if hit_index is not None else 0.0
+                            first = (hit_index + 1) if hit_index is not None else 0
+                            seconds = start + (last_time - start) * (i - first + 1) / (
+                                evals - first
+                            )
+                        hit = hit_index is not None and i >= hit_index
+                        value = target if hit else _miss_value(target, direction)
+                        step = max(1, round(last_step * (i + 1) / evals))
+                        rows.append(f"{step},{seconds!r},{seconds!r},{value!r}")
+                    (folder / "eval_measurements.csv").write_text("\n".join(rows) + "\n")
+                    meta = {
+                        "workload.target_metric_name": metric,
+                        "workload.validation_target_value": target,
+                        "workload.max_allowed_runtime_sec": info["budget"],
+                        "workload.eval_period_time_sec": info["eval_period"],
+                    }
+                    (folder / "meta_data_0.json").write_text(json.dumps(meta))
+
+
+def test_pooled_scores_reproduce_the_official_v06_leaderboard(tmp_path: Path) -> None:
+    _rebuild_v06_logs(tmp_path)
+    trials = load_results(tmp_path / "baseline") + load_results(tmp_path / "shampoo")
+    (pooled,) = compare(aggregate(trials))
+    # One profile for a JAX and a PyTorch submission, as the leaderboard ranks them.
+    assert pooled.framework == "jax+pytorch" and set(pooled.labels) == {"baseline", "shampoo"}
+    assert {k: round(v, 4) for k, v in pooled.scores.items()} == OFFICIAL_V06_SCORES
+    # Scoring each framework on its own (each alone is "fastest everywhere it hits")
+    # gives other numbers: the pooling is what makes the scores right.
+    alone = {
+        label: benchmark_scores(
+            performance_profiles(
+                {label: {w: r.time_to_target for w, r in pooled.results[label].items()}},
+                pooled.workloads,
+                num_workloads=8,
+            )
+        )[label]
+        for label in pooled.labels
+    }
+    assert round(alone["baseline"], 4) != OFFICIAL_V06_SCORES["baseline"]
+    # The logs have crashed trials (one eval at step 1): labelled unfinished, not misses,
+    # and the report says the score rests on them.
+    shampoo = pooled.results["shampoo"]
+    assert shampoo["criteo1tb"].hit and shampoo["criteo1tb"].provisional
+    assert shampoo["imagenet_resnet"].status == "unfinished"
+    assert any("unfinished" in w and w.startswith("shampoo") for w in pooled.warnings)
+    assert any("4/5 trial(s) per study" in w for w in pooled.warnings)
+
+
+def test_selection_rule_is_the_earliest_eval_not_the_fastest_trial(tmp_path: Path) -> None:
+    # Trial 1 hits at its 2nd eval (200 s), trial 2 at its 3rd eval but sooner (150 s):
+    # the leaderboard takes trial 1 (smaller eval index), "fastest" takes trial 2.
+    for trial, rows in (
+        (1, [(1, 100.0, 0.1), (2, 200.0, 0.9)]),
+        (2, [(1, 50, 0.1), (2, 100, 0.2), (3, 150, 0.9)]),
+    ):
+        folder = tmp_path / "run" / "study_0" / "ogbg_jax" / f"trial_{trial}"
+        folder.mkdir(parents=True)
+        lines = ["global_step,accumulated_submission_time,validation/mean_average_precision"]
+        lines += [f"{s},{t},{v}" for s, t, v in rows]
+        (folder / "eval_measurements.csv").write_text("\n".join(lines) + "\n")
+    trials = load_results(tmp_path / "run")
+    (leaderboard,) = aggregate(trials)
+    (fastest,) = aggregate(trials, "fastest")
+    assert leaderboard.study_best_trials == {"study_0": 1} and leaderboard.time_to_target == 200
+    assert fastest.study_best_trials == {"study_0": 2} and fastest.time_to_target == 150
+
+
+def test_unknown_times_never_count_as_the_best() -> None:
+    times = {"A": {"w": math.nan}, "B": {"w": 100.0}, "C": {"w": 300.0}}
+    ratios = performance_ratios(times, ["w"])
+    assert math.isnan(ratios["A"]["w"]) and ratios["B"]["w"] == 1.0 and ratios["C"]["w"] == 3.0

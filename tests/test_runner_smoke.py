@@ -48,3 +48,10 @@ def test_smoke_without_algoperf_says_how_to_install():
             run_smoke("ogbg", "jax", "nadamw", out=lambda line: None)
     else:
         pytest.skip("algoperf is installed")
+
+
+def test_smoke_names_a_bad_submission_before_looking_for_algoperf():
+    from polyak.runner.errors import UnknownSubmissionError
+
+    with pytest.raises(UnknownSubmissionError, match="submission 'adamw' is neither a name"):
+        run_smoke("ogbg", "jax", "adamw", out=lambda line: None)

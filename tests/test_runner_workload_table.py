@@ -130,3 +130,100 @@ def test_select_workloads():
         select_workloads(" , ", ALGOPERF_WORKLOADS)
     with pytest.raises(UnknownWorkloadError, match="choices"):
         get_workload("mnist")
+
+
+# A stand-in for a newer installed algoperf whose registry has the language-model
+# workload (metric ppl, minimised). The numbers are the fake's own, not AlgoPerf's:
+# the test checks that they are read from the registry and used everywhere.
+FAKE_REGISTRY = """
+WORKLOADS = {
+    'ogbg': {'workload_path': 'ogbg/ogbg', 'workload_class_name': 'OgbgWorkload'},
+    'finewebedu_lm': {'workload_path': 'lm/lm', 'workload_class_name': 'LmWorkload'},
+}
+BASE_WORKLOADS = ['ogbg', 'finewebedu_lm']
+"""
+FAKE_LM_WORKLOAD = """
+class LmWorkload:
+    def __init__(self):
+        raise AssertionError('constructor must not run')
+
+    target_metric_name = 'ppl'
+    validation_target_value = 22.5
+    test_target_value = 23.0
+    max_allowed_runtime_sec = 30000
+    step_hint = 72000
+    eval_period_time_sec = 600
+
+    def has_reached_validation_target(self, eval_result):
+        return eval_result['validation/ppl'] <= self.validation_target_value
+"""
+
+
+@pytest.fixture
+def fake_algoperf(tmp_path, monkeypatch):
+    import sys
+
+    from polyak.runner import workload_table
+
+    root = tmp_path / "fake_site"
+    package = root / "algoperf" / "workloads"
+    (package / "lm" / "lm_jax").mkdir(parents=True)
+    for folder in (root / "algoperf", package, package / "lm", package / "lm" / "lm_jax"):
+        (folder / "__init__.py").write_text("")
+    (package / "workloads.py").write_text(FAKE_REGISTRY)
+    (package / "lm" / "lm_jax" / "workload.py").write_text(FAKE_LM_WORKLOAD)
+    monkeypatch.syspath_prepend(str(root))
+    for name in [m for m in sys.modules if m == "algoperf" or m.startswith("algoperf.")]:
+        monkeypatch.delitem(sys.modules, name)
+    workload_table._cached_algoperf.cache_clear()
+    workload_table._algoperf_base_workloads.cache_clear()
+    yield
+    workload_table._cached_algoperf.cache_clear()
+    workload_table._algoperf_base_workloads.cache_clear()
+    for name in [m for m in sys.modules if m == "algoperf" or m.startswith("algoperf.")]:
+        del sys.modules[name]
+
+
+def test_finewebedu_lm_end_to_end_when_the_installed_algoperf_has_it(fake_algoperf, tmp_path):
+    import json
+
+    from polyak.algoperf.batch_sizes import get_batch_size
+    from polyak.runner.commands import RunSettings
+    from polyak.runner.report import compare
+    from polyak.runner.results import aggregate, load_results
+    from polyak.runner.workload_table import benchmark_workloads, known_workloads
+
+    # The list and the values come from the installed registry.
+    assert benchmark_workloads() == known_workloads() == ("ogbg", "finewebedu_lm")
+    info = get_workload("finewebedu_lm", "jax")
+    assert (info.target_metric, info.direction, info.validation_target) == ("ppl", "min", 22.5)
+    assert (info.max_runtime_sec, info.step_hint) == (30000, 72000)
+    assert metric_direction("validation/ppl") == "min"
+    assert get_batch_size("finewebedu_lm") == 64
+    # The runner plans it, reading <data_dir>/finewebedu.
+    from polyak.runner.launch import run_algoperf_suite
+
+    repo = tmp_path / "repo"
+    (repo / "submissions" / "nadamw" / "jax").mkdir(parents=True)
+    (repo / "submissions" / "nadamw" / "jax" / "submission.py").write_text("# stub\n")
+    (repo / "tuning_search_spaces").mkdir()
+    (repo / "tuning_search_spaces" / "nadamw.json").write_text(json.dumps([{"lr": 0.1}]))
+    lines: list[str] = []
+    settings = RunSettings(
+        framework="jax", data_dir=str(tmp_path / "data"), experiment_dir=str(tmp_path / "e")
+    )
+    run_algoperf_suite("finewebedu_lm", settings, repo_root=repo, dry_run=True, out=lines.append)
+    assert any(f"--data_dir={tmp_path / 'data' / 'finewebedu'}" in line for line in lines)
+    # Scoring: ppl is minimised, and the benchmark counts the registry's two workloads.
+    for label, ppl in (("a", 22.0), ("b", 25.0)):
+        folder = tmp_path / label / "study_0" / "finewebedu_lm_jax" / "trial_1"
+        folder.mkdir(parents=True)
+        (folder / "eval_measurements.csv").write_text(
+            f"global_step,accumulated_submission_time,validation/ppl\n10,29900,{ppl}\n"
+        )
+    results = aggregate(load_results(tmp_path / "a") + load_results(tmp_path / "b"))
+    assert [r.status for r in results] == ["hit", "miss"]
+    (pooled,) = compare(results)
+    assert pooled.profile is not None and pooled.profile.num_workloads == 2
+    assert pooled.scores["a"] == pytest.approx(0.5)  # fastest on 1 of the 2 workloads
+    assert any("ogbg" in w and "no results for 1 of the 2" in w for w in pooled.warnings)

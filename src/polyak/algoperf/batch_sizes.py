@@ -14,6 +14,8 @@ ALGOPERF_BATCH_SIZES: dict[str, int] = {
     "librispeech_deepspeech": 256,
     "ogbg": 512,
     "wmt": 128,
+    # Current AlgoPerf's language-model workload (its baselines' value).
+    "finewebedu_lm": 64,
     "mnist": 16,
 }
 

@@ -59,6 +59,9 @@ class ExportRequest:
     affiliations: str
     out: Path
     force: bool = False
+    # The name shown on the leaderboard (default: "polyak <Optimizer> + <AVERAGING>").
+    display_name: str = ""
+    version: str = "1.0"
 
     def __post_init__(self) -> None:
         for field, value, choices in (
@@ -74,10 +77,15 @@ class ExportRequest:
                 f"--averaging={self.averaging!r} is implemented for PyTorch only; "
                 f"use --framework=pytorch, not {self.framework!r}"
             )
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name):
+        if not re.fullmatch(r"[a-z0-9_][a-z0-9_.-]*", self.name):
             raise ExportError(
-                f"--name={self.name!r} must be a folder name of letters, digits, '_', '-' or '.'"
+                f"--name={self.name!r} must be a folder name of lowercase letters, digits, "
+                "'_', '-' or '.' (the leaderboard's rule: lowercase, no spaces)"
             )
+        if not re.fullmatch(r"\d+(\.\d+)*", self.version):
+            raise ExportError(f"--version={self.version!r}; expected a number such as '1.0'")
+        if "\n" in self.display_name:
+            raise ExportError(f"--display_name={self.display_name!r} must be one line")
 
     @property
     def framework_module(self) -> str:
@@ -223,7 +231,7 @@ def _readme(request: ExportRequest, revision: str) -> str:
         else ""
     )
     launcher = (
-        "torchrun --standalone --nnodes=1 --nproc_per_node=8"
+        "torchrun --standalone --nnodes=1 --nproc_per_node=4"
         if request.framework == "pytorch"
         else "python"
     )
@@ -248,30 +256,172 @@ Run it from an AlgoPerf (v0.6) checkout, with this folder at
 """
 
 
-def _submission_info(request: ExportRequest) -> dict[str, str]:
+# submission_info.yml as the leaderboard repository's entries spell it
+# (mlcommons/submissions_algorithms, previous_leaderboards/algoperf_v06): the
+# folder's path inside that repository, the ruleset as "external" or
+# "self-tuning", the framework's proper name and a quoted version string.
+SUBMISSION_INFO_FIELDS: tuple[str, ...] = (
+    "submission_name",
+    "submission_folder",
+    "authors",
+    "affiliations",
+    "version",
+    "ruleset",
+    "framework",
+    "description",
+)
+_RULESET_INFO = {"external": "external", "self": "self-tuning"}
+_RULESET_FOLDER = {"external": "external_tuning", "self": "self_tuning"}
+_FRAMEWORK_INFO = {"pytorch": "PyTorch", "jax": "JAX"}
+_AVERAGING_TITLE = {"none": "", "lawa": "LAWA", "ema": "EMA", "twa": "TWA"}
+
+
+def submission_folder(request: ExportRequest) -> str:
+    return f"submissions/{_RULESET_FOLDER[request.ruleset]}/{request.name}"
+
+
+def submission_info(request: ExportRequest) -> dict[str, str]:
+    """The fields of submission_info.yml, in the leaderboard's order."""
     title = _OPTIMIZER_TITLE[request.optimizer]
+    averaging = _AVERAGING_TITLE[request.averaging]
+    display = request.display_name or " + ".join(
+        part for part in (f"polyak {title}", averaging) if part
+    )
+    if request.averaging == "none":
+        averaging_text = "no weight averaging"
+    else:
+        averaging_text = (
+            f"{averaging} weight averaging, whose averaged weights are what is evaluated "
+            "(through prepare_for_eval)"
+        )
+    points = (
+        "the hyperparameter points of tuning_search_space.json"
+        if request.ruleset == "external"
+        else "a single documented hyperparameter point"
+    )
     return {
-        "submission_name": request.name,
-        "submission_folder": request.name,
+        "submission_name": display,
+        "submission_folder": submission_folder(request),
         "authors": request.authors,
         "affiliations": request.affiliations,
-        "version": polyak.__version__,
-        "ruleset": request.ruleset,
-        "framework": request.framework,
+        "version": request.version,
+        "ruleset": _RULESET_INFO[request.ruleset],
+        "framework": _FRAMEWORK_INFO[request.framework],
         "description": (
-            f"{title} with warmup and cosine decay, and {request.averaging} weight averaging "
-            "evaluated through prepare_for_eval (polyak)."
+            f"{title} with a linear learning rate warmup followed by a cosine decay, and "
+            f"{averaging_text}; {points}. Exported from polyak."
         ),
     }
 
 
-def export_submission(request: ExportRequest) -> list[Path]:
-    """Writes the folder and returns the files written, relative to it."""
-    out = request.out
+def _yaml_scalar(value: str) -> str:
+    """A plain scalar when YAML reads it back as the same string, else double-quoted."""
+    if value and yaml.safe_load(value) == value and value.strip() == value and "#" not in value:
+        return value
+    return json.dumps(value)  # a JSON string is a valid YAML double-quoted scalar
+
+
+def render_submission_info(request: ExportRequest) -> str:
+    """submission_info.yml in the entries' own layout: the version always quoted and
+    the description as a folded block (``>-``)."""
+    info = submission_info(request)
+    lines = []
+    for field in SUBMISSION_INFO_FIELDS:
+        value = info[field]
+        if field == "description":
+            lines += [f"{field}: >-", f"  {value}"]
+        elif field == "version":
+            lines.append(f"{field}: {json.dumps(value)}")
+        else:
+            lines.append(f"{field}: {_yaml_scalar(value)}")
+    text = "\n".join(lines) + "\n"
+    if yaml.safe_load(text) != info:  # the layout above must never change a value
+        raise ExportError(f"submission_info.yml would not read back as written: {info}")
+    return text
+
+
+# What an export writes at the top of its folder; anything else found there on
+# --force means the folder is not (only) an earlier export, and it is refused.
+_EXPORTED_TOP_LEVEL = frozenset(
+    {"__init__.py", "submission.py", "README.md", "submission_info.yml", "tuning_search_space.json"}
+)
+# Python and pytest leave these behind when an exported folder has been run.
+_RUN_LEFTOVERS = frozenset({"__pycache__", ".pytest_cache"})
+_README_MARK = "by `scripts/export_submission.py`"
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_out_dir(out: Path, *, cwd: Path | None = None, repo_root: Path = REPO_ROOT) -> Path:
+    """The resolved ``--out``, after refusing folders whose replacement could lose data.
+
+    ``--force`` replaces ``--out`` as a whole, so ``--out`` may never be the working
+    directory or a folder holding it, nor the checkout or a folder holding the checkout,
+    nor anything inside the package being exported."""
+    cwd = (cwd or Path.cwd()).resolve()
+    resolved = (cwd / out.expanduser()).resolve()
+    shown = f"--out={str(out)!r}"
+    if _is_inside(cwd, resolved):
+        raise ExportError(
+            f"{shown} is the current directory or one of its parents ({resolved}); "
+            "the export replaces its --out folder, so give a new subfolder, e.g. "
+            "--out=export/<name>"
+        )
+    if _is_inside(repo_root.resolve(), resolved):
+        raise ExportError(
+            f"{shown} is the polyak checkout {repo_root} or a folder above it; "
+            "give a new subfolder, e.g. --out=export/<name>"
+        )
+    if _is_inside(resolved, PACKAGE_ROOT):
+        raise ExportError(f"{shown} lies inside the exported package {PACKAGE_ROOT}")
+    return resolved
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """Entries of an existing ``out`` that no earlier export wrote (empty: safe to replace)."""
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        name = entry.name
+        if name in _RUN_LEFTOVERS and entry.is_dir():
+            continue
+        if name == VENDORED_PACKAGE and entry.is_dir() and not entry.is_symlink():
+            foreign += [
+                p.relative_to(out).as_posix()
+                for p in entry.rglob("*")
+                if p.is_symlink() or (p.is_file() and p.suffix not in (".py", ".pyc"))
+            ]
+            continue
+        if name not in _EXPORTED_TOP_LEVEL or entry.is_symlink() or not entry.is_file():
+            foreign.append(name)
+    readme = out / "README.md"
+    if not foreign and (not readme.is_file() or _README_MARK not in readme.read_text()):
+        foreign.append("README.md (not written by scripts/export_submission.py)")
+    return foreign
+
+
+def export_submission(request: ExportRequest, *, cwd: Path | None = None) -> list[Path]:
+    """Writes the folder and returns the files written, relative to it.
+
+    Nothing is deleted that an export did not create: a non-empty ``--out`` is
+    replaced (with ``force``) only when every entry in it is one an export writes."""
+    out = check_out_dir(request.out, cwd=cwd)
+    shown = f"--out={str(request.out)!r}"
     if out.exists() and not out.is_dir():
-        raise ExportError(f"--out={str(out)!r} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not request.force:
-        raise ExportError(f"--out={str(out)!r} is not empty; pass --force to replace it")
+        raise ExportError(f"{shown} exists and is not a folder ({out})")
+    if out.is_symlink():
+        raise ExportError(f"{shown} is a symbolic link ({out}); give a real folder")
+    if out.exists() and any(out.iterdir()):
+        if not request.force:
+            raise ExportError(f"{shown} is not empty; pass --force to replace an earlier export")
+        foreign = _foreign_entries(out)
+        if foreign:
+            raise ExportError(
+                f"{shown} holds files an export did not write ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}); --force only replaces an earlier "
+                "export, so move them or choose another --out"
+            )
     if request.ruleset == "external" and not request.search_space_file.exists():
         raise ExportError(f"no search space for this submission at {request.search_space_file}")
 
@@ -280,7 +430,7 @@ def export_submission(request: ExportRequest) -> list[Path]:
         Path("__init__.py"): "",
         Path("submission.py"): _submission_source(request, revision),
         Path("README.md"): _readme(request, revision),
-        Path("submission_info.yml"): yaml.safe_dump(_submission_info(request), sort_keys=False),
+        Path("submission_info.yml"): render_submission_info(request),
     }
     if request.ruleset == "external":
         points = json.loads(request.search_space_file.read_text())
@@ -290,18 +440,28 @@ def export_submission(request: ExportRequest) -> list[Path]:
         target = Path(VENDORED_PACKAGE, *source.relative_to(PACKAGE_ROOT).parts)
         files[target] = _vendored_source(source.read_text())
 
-    # Build beside the destination and swap in one rename, so an interrupted
-    # export never leaves a half-written folder.
+    # Build in a fresh sibling folder and swap it in by renames, so an interrupted
+    # export never leaves a half-written folder, and the only tree ever removed is
+    # one this function created (the staging folder) or checked (an earlier export).
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
+    retired: Path | None = None
     try:
         for relative, text in files.items():
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
             (staging / relative).write_text(text)
         if out.exists():
-            shutil.rmtree(out)
+            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, retired / out.name)
         os.replace(staging, out)
+    except BaseException:
+        if retired is not None and (retired / out.name).exists() and not out.exists():
+            os.replace(retired / out.name, out)
+        raise
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+        # Kept when the swap failed and the earlier export could not be moved back.
+        if retired is not None and retired.exists() and out.exists():
+            shutil.rmtree(retired)
     return sorted(files)

@@ -1,13 +1,17 @@
 """Launch plans: the exact command lines that run AlgoPerf's ``submission_runner``.
 
-One plan per workload. Three launchers:
+One plan per (study, workload), in AlgoPerf's scoring layout
+``<experiment_dir>/<experiment_name>/study_<k>/<workload>_<framework>/trial_<j>/``
+(the name given to ``submission_runner`` is ``<experiment_name>/study_<k>``), with
+one seed per study and workload derived from the experiment's seed. Three launchers:
 
 - ``python``: ``python -m submission_runner <flags>`` (one device, or JAX on all GPUs);
 - ``torchrun``: ``torchrun --standalone --nnodes=1 --nproc_per_node=N -m submission_runner
   <flags>`` for PyTorch DDP; with ``--rdzv_endpoint`` (multi-node) ``--standalone`` is replaced
   by ``--nnodes=K --nproc_per_node=N --rdzv_backend=B --rdzv_endpoint=HOST:PORT``;
-- ``docker``: ``docker run`` of our image, whose entrypoint runs this same runner for one
-  workload inside the container (``scripts/run_workloads.py --suite=algoperf``).
+- ``docker``: ``docker run`` of our image with the flags of AlgoPerf's own
+  ``docker/scripts/startup.sh`` (``-d/-f/-s/-w/-e/-t/-m/-o`` ...), which the image's
+  entrypoint understands, so AlgoPerf's ``scoring/utils/run_workloads.py`` drives it too.
 
 Rules that keep AlgoPerf from tripping:
 
@@ -25,28 +29,47 @@ Rules that keep AlgoPerf from tripping:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from polyak.runner.errors import LaunchConfigError, RunnerError, UnknownSubmissionError
+from polyak.runner.errors import (
+    LaunchConfigError,
+    RunnerError,
+    SearchSpaceError,
+    UnknownSubmissionError,
+)
 from polyak.runner.search_space import SearchSpace, load_search_space
-from polyak.runner.workload_table import ALGOPERF_WORKLOADS, FRAMEWORKS
+from polyak.runner.workload_table import (
+    DEFAULT_ACCELERATOR_TYPE,
+    DEFAULT_NUM_ACCELERATORS,
+    FRAMEWORKS,
+    known_workloads,
+)
 
 LAUNCHERS: tuple[str, ...] = ("python", "torchrun", "docker")
 SUBMISSION_NAMES: tuple[str, ...] = ("nadamw", "shampoo")
 TUNING_RULESETS: tuple[str, ...] = ("external", "self")
+AVERAGING_MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
+# Trainable weight averaging exists only in the PyTorch averager.
+PYTORCH_ONLY_AVERAGING: tuple[str, ...] = ("twa",)
 RUNNER_MODULE = "submission_runner"
-# AlgoPerf's reference machine has 8 GPUs; pass --nproc_per_node for anything else.
-DEFAULT_NPROC_PER_NODE = 8
+# The leaderboard's rules: 3 studies per workload; 5 trials per study under external
+# tuning, 1 under self-tuning (AlgoPerf's scoring/utils/run_workloads.py defaults).
+DEFAULT_NUM_STUDIES = 3
+DEFAULT_NUM_TRIALS: dict[str, int] = {"external": 5, "self": 1}
 DEFAULT_RDZV_BACKEND = "c10d"
+SEED_RANGE = 2**31 - 1
 
-# Paths inside our docker image (see Dockerfile).
+# Paths inside our docker image (see Dockerfile), as AlgoPerf's startup.sh lays them
+# out with an empty --home_dir.
 CONTAINER_REPO_ROOT = "/workspace/polyak"
 CONTAINER_DATA_DIR = "/data"
 CONTAINER_EXPERIMENT_DIR = "/experiment_runs"
+CONTAINER_LOGS_DIR = "/logs"
 CONTAINER_SEARCH_SPACE_DIR = "/search_spaces"
 
 # AlgoPerf's dataset folder for each workload (datasets/README.md, docker/scripts/startup.sh).
@@ -59,6 +82,7 @@ DATASET_OF_WORKLOAD: dict[str, str] = {
     "librispeech_deepspeech": "librispeech",
     "ogbg": "ogbg",
     "wmt": "wmt",
+    "finewebedu_lm": "finewebedu",
 }
 
 
@@ -86,10 +110,15 @@ class RunSettings:
     submission: str = "nadamw"
     data_dir: str = "~/data"
     experiment_dir: str = "~/experiment_runs"
-    experiment_name: str = "polyak"
+    # None: "<submission>_<search space>" (see default_experiment_name).
+    experiment_name: str | None = None
     tuning_search_space: str | None = None
     tuning_ruleset: str = "external"
-    num_tuning_trials: int = 1
+    # None: the leaderboard's 5 (external) or 1 (self).
+    num_tuning_trials: int | None = None
+    num_studies: int = DEFAULT_NUM_STUDIES
+    # Picks tuning_search_spaces/<submission>_<averaging>.json (or checks the given one).
+    averaging: str | None = None
     rng_seed: int | None = None
     max_global_steps: int | None = None
     launcher: str = "python"
@@ -99,6 +128,8 @@ class RunSettings:
     rdzv_backend: str | None = None
     docker_image: str | None = None
     python: str = "python"
+    num_accelerators: int = DEFAULT_NUM_ACCELERATORS
+    accelerator_type: str = DEFAULT_ACCELERATOR_TYPE
 
     def __post_init__(self) -> None:
         if self.framework not in FRAMEWORKS:
@@ -113,11 +144,37 @@ class RunSettings:
             raise LaunchConfigError(
                 f"tuning_ruleset={self.tuning_ruleset!r}; expected one of {TUNING_RULESETS}"
             )
-        if not self.experiment_name or self.experiment_name.startswith(("/", "..")):
+        if self.experiment_name is not None and (
+            not self.experiment_name or self.experiment_name.startswith(("/", ".."))
+        ):
             raise LaunchConfigError(
                 f"experiment_name={self.experiment_name!r}; expected a relative, non-empty name"
             )
-        for name in ("num_tuning_trials", "nproc_per_node", "nnodes", "max_global_steps"):
+        if self.averaging is not None:
+            if self.averaging not in AVERAGING_MODES:
+                raise LaunchConfigError(
+                    f"averaging={self.averaging!r}; expected one of {', '.join(AVERAGING_MODES)}"
+                )
+            if self.averaging in PYTORCH_ONLY_AVERAGING and self.framework != "pytorch":
+                raise LaunchConfigError(
+                    f"averaging={self.averaging!r} is implemented for PyTorch only, and "
+                    f"framework={self.framework!r} would run nothing; use --framework=pytorch"
+                )
+            if self.tuning_ruleset == "self" and self.averaging != "none":
+                raise LaunchConfigError(
+                    f"averaging={self.averaging!r} with the self-tuning ruleset: the "
+                    "submission runs its documented defaults and gets no hyperparameters, so "
+                    "the mode would be ignored; export a self-tuning submission with it "
+                    "(scripts/export_submission.py --ruleset=self --averaging=...)"
+                )
+        for name in (
+            "num_tuning_trials",
+            "num_studies",
+            "nproc_per_node",
+            "nnodes",
+            "max_global_steps",
+            "num_accelerators",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise LaunchConfigError(f"{name}={value!r}; expected an integer >= 1")
@@ -130,6 +187,11 @@ class RunSettings:
             raise LaunchConfigError(
                 f"nnodes={self.nnodes} needs --rdzv_endpoint=HOST:PORT (the rendezvous host)"
             )
+
+    @property
+    def requested_trials(self) -> int:
+        """--num_tuning_trials, or the leaderboard's count for the ruleset."""
+        return self.num_tuning_trials or DEFAULT_NUM_TRIALS[self.tuning_ruleset]
 
     @property
     def is_multi_node(self) -> bool:
@@ -191,8 +253,37 @@ def submission_label(submission: str) -> str:
     return path.stem
 
 
-def default_search_space(submission: str) -> str:
-    return f"tuning_search_spaces/{submission_label(submission)}.json"
+def default_search_space(submission: str, averaging: str | None = None) -> str:
+    """tuning_search_spaces/<submission>.json, or <submission>_<averaging>.json."""
+    suffix = "" if averaging in (None, "none") else f"_{averaging}"
+    return f"tuning_search_spaces/{submission_label(submission)}{suffix}.json"
+
+
+def search_space_averaging(space: SearchSpace) -> set[str]:
+    """The averaging modes a search space's points ask for (no key: ``none``)."""
+    if space.kind == "points":
+        return {str(point.get("averaging", "none")) for point in space.points}
+    entry = space.ranges.get("averaging")
+    if entry is None:
+        return {"none"}
+    return {str(v) for v in entry.get("feasible_points", [])} or {"?"}
+
+
+def default_experiment_name(settings: RunSettings, search_space_arg: str | None) -> str:
+    """``<submission>_<search space>``, so runs of two search spaces never share a folder
+    (``nadamw_nadamw_lawa``; self-tuning: ``<submission>_self``)."""
+    label = submission_label(settings.submission)
+    if search_space_arg is None:
+        return f"{label}_self"
+    return f"{label}_{Path(search_space_arg).stem}"
+
+
+def study_seed(experiment_seed: int, study: int, workload: str) -> int:
+    """The ``--rng_seed`` of one study of one workload: a stable hash of the experiment's
+    seed, the study index and the workload (AlgoPerf's scoring script folds the same
+    three into a PRNG key), in [1, 2**31 - 1] since AlgoPerf draws a random seed for 0."""
+    digest = hashlib.sha256(f"{experiment_seed}:{study}:{workload}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % SEED_RANGE + 1
 
 
 def resolve_search_space(
@@ -212,10 +303,28 @@ def resolve_search_space(
             raise LaunchConfigError(
                 f"submission {settings.submission!r} is a path: pass --tuning_search_space"
             )
-        given = default_search_space(settings.submission)
+        given = default_search_space(settings.submission, settings.averaging)
+        if not (repo_root / given).is_file():
+            available = sorted(
+                p.stem.removeprefix(f"{settings.submission}_")
+                for p in (repo_root / "tuning_search_spaces").glob(f"{settings.submission}_*.json")
+            )
+            raise SearchSpaceError(
+                f"no search space for --submission={settings.submission} with "
+                f"--averaging={settings.averaging}: {given} does not exist; averaging modes "
+                f"with a search space: none, {', '.join(available)}"
+            )
     path = Path(os.path.expanduser(given))
     absolute = path if path.is_absolute() else repo_root / path
     space = load_search_space(absolute)
+    if settings.averaging is not None:
+        modes = search_space_averaging(space)
+        if modes != {settings.averaging}:
+            raise SearchSpaceError(
+                f"--averaging={settings.averaging} but the search space {given} asks for "
+                f"averaging {', '.join(sorted(modes))}; the run would be labelled with a mode "
+                "it does not use. Drop one of the two flags or make them agree"
+            )
     try:
         argument = absolute.resolve().relative_to(repo_root.resolve()).as_posix()
     except ValueError:
@@ -256,6 +365,8 @@ class LaunchPlan:
     resume: bool
     first_trial: int
     num_trials: int
+    study: int = 0
+    rng_seed: int | None = None
 
     def shell(self) -> str:
         return f"cd {shlex.quote(str(self.cwd))} && {shlex.join(self.argv)}"
@@ -270,29 +381,33 @@ def submission_runner_flags(
     resume: bool,
     num_trials: int | None = None,
     hparam_start_index: int | None = None,
+    study: int = 0,
+    rng_seed: int | None = None,
 ) -> list[str]:
     """The flags for AlgoPerf's ``submission_runner`` in a fixed order.
 
     ``num_trials`` is the trial count AlgoPerf will really run (a list-format search
-    space clips ``--num_tuning_trials`` to its length); it defaults to the setting."""
+    space clips ``--num_tuning_trials`` to its length); it defaults to the setting.
+    ``rng_seed`` is the study's seed (default: the settings' seed)."""
     flags = [
         f"--framework={settings.framework}",
         f"--workload={workload}",
         f"--submission_path={submission_path}",
         *dataset_flags(workload, settings.framework, settings.data_dir),
         f"--experiment_dir={settings.experiment_dir}",
-        f"--experiment_name={settings.experiment_name}",
+        f"--experiment_name={study_experiment_name(settings, study)}",
         f"--tuning_ruleset={settings.tuning_ruleset}",
     ]
     if settings.tuning_ruleset == "external":
         flags += [
             f"--tuning_search_space={search_space_arg}",
-            f"--num_tuning_trials={num_trials or settings.num_tuning_trials}",
+            f"--num_tuning_trials={num_trials or settings.requested_trials}",
         ]
         if hparam_start_index:
             flags.append(f"--hparam_start_index={hparam_start_index}")
-    if settings.rng_seed is not None:
-        flags.append(f"--rng_seed={settings.rng_seed}")
+    seed = rng_seed if rng_seed is not None else settings.rng_seed
+    if seed is not None:
+        flags.append(f"--rng_seed={seed}")
     if settings.max_global_steps is not None:
         flags.append(f"--max_global_steps={settings.max_global_steps}")
     flags.append("--resume_last_run" if resume else "--overwrite")
@@ -305,7 +420,7 @@ def launcher_prefix(settings: RunSettings) -> list[str]:
         return [settings.python, "-m", RUNNER_MODULE]
     if settings.launcher != "torchrun":
         raise LaunchConfigError(f"launcher {settings.launcher!r} has no local prefix")
-    nproc = settings.nproc_per_node or DEFAULT_NPROC_PER_NODE
+    nproc = settings.nproc_per_node or settings.num_accelerators
     if settings.is_multi_node:
         prefix = [
             "torchrun",
@@ -338,6 +453,13 @@ def docker_build_command(framework: str = "pytorch", image: str | None = None) -
     ]
 
 
+def study_experiment_name(settings: RunSettings, study: int) -> str:
+    """What ``submission_runner`` gets as --experiment_name: ``<name>/study_<k>``."""
+    if settings.experiment_name is None:
+        raise LaunchConfigError("experiment_name is unset; call finalize_settings first")
+    return f"{settings.experiment_name}/study_{study}"
+
+
 def docker_argv(
     workload: str,
     settings: RunSettings,
@@ -347,9 +469,16 @@ def docker_argv(
     search_space_mount: tuple[str, str] | None = None,
     num_trials: int | None = None,
     overwrite: bool = False,
+    study: int = 0,
+    rng_seed: int | None = None,
+    hparam_start_index: int | None = None,
 ) -> list[str]:
-    """``docker run`` of our image for one workload; the container runs our runner
-    (which itself resumes or starts fresh; ``overwrite`` forces a fresh start)."""
+    """``docker run`` of our image for one study of one workload, with the flags of
+    AlgoPerf's ``docker/scripts/startup.sh``: ``-d`` dataset, ``-f`` framework, ``-s``
+    submission path, ``-w`` workload, ``-e`` experiment name, ``-t`` search space,
+    ``-m`` max steps, ``-o`` overwrite (else the container resumes), and the long flags
+    ``--tuning_ruleset``, ``--num_tuning_trials``, ``--hparam_start_index``, ``--rng_seed``.
+    Data, experiments and logs are mounted where startup.sh expects them."""
     argv = [
         "docker",
         "run",
@@ -364,54 +493,75 @@ def docker_argv(
         f"{settings.data_dir}:{CONTAINER_DATA_DIR}",
         "-v",
         f"{settings.experiment_dir}:{CONTAINER_EXPERIMENT_DIR}",
+        "-v",
+        f"{settings.experiment_dir}/logs:{CONTAINER_LOGS_DIR}",
     ]
     if search_space_mount is not None:
         argv += ["-v", f"{search_space_mount[0]}:{search_space_mount[1]}:ro"]
-    inner_launcher = "torchrun" if settings.framework == "pytorch" else "python"
     argv += [
         docker_image_for(settings),
-        f"--workloads={workload}",
-        f"--framework={settings.framework}",
-        f"--submission={submission_arg}",
-        f"--data_dir={CONTAINER_DATA_DIR}",
-        f"--experiment_dir={CONTAINER_EXPERIMENT_DIR}",
-        f"--experiment_name={settings.experiment_name}",
-        f"--tuning_ruleset={settings.tuning_ruleset}",
+        "-d",
+        DATASET_OF_WORKLOAD[workload],
+        "-f",
+        settings.framework,
+        "-s",
+        submission_arg,
+        "-w",
+        workload,
+        "-e",
+        study_experiment_name(settings, study),
     ]
     if search_space_arg is not None:
-        argv += [
-            f"--tuning_search_space={search_space_arg}",
-            f"--num_tuning_trials={num_trials or settings.num_tuning_trials}",
-        ]
-    if settings.rng_seed is not None:
-        argv.append(f"--rng_seed={settings.rng_seed}")
+        argv += ["-t", search_space_arg]
     if settings.max_global_steps is not None:
-        argv.append(f"--max_global_steps={settings.max_global_steps}")
-    if overwrite:
-        argv.append("--overwrite")
-    argv.append(f"--launcher={inner_launcher}")
-    if inner_launcher == "torchrun":
-        argv.append(f"--nproc_per_node={settings.nproc_per_node or DEFAULT_NPROC_PER_NODE}")
+        argv += ["-m", str(settings.max_global_steps)]
+    argv += ["-o", "true" if overwrite else "false", "--tuning_ruleset", settings.tuning_ruleset]
+    if search_space_arg is not None:
+        argv += ["--num_tuning_trials", str(num_trials or settings.requested_trials)]
+        if hparam_start_index:
+            argv += ["--hparam_start_index", str(hparam_start_index)]
+    seed = rng_seed if rng_seed is not None else settings.rng_seed
+    if seed is not None:
+        argv += ["--rng_seed", str(seed)]
+    if settings.framework == "pytorch":
+        # polyak's own extension of startup.sh's flags; AlgoPerf's image hard-codes 8.
+        argv += ["--nproc_per_node", str(settings.nproc_per_node or settings.num_accelerators)]
         if settings.is_multi_node:
             argv += [
-                f"--nnodes={settings.nnodes or 1}",
-                f"--rdzv_endpoint={settings.rdzv_endpoint}",
-                f"--rdzv_backend={settings.rdzv_backend or DEFAULT_RDZV_BACKEND}",
+                "--nnodes",
+                str(settings.nnodes or 1),
+                "--rdzv_endpoint",
+                str(settings.rdzv_endpoint),
+                "--rdzv_backend",
+                settings.rdzv_backend or DEFAULT_RDZV_BACKEND,
             ]
     return argv
 
 
+def experiment_root(settings: RunSettings) -> Path:
+    if settings.experiment_name is None:
+        raise LaunchConfigError("experiment_name is unset; call finalize_settings first")
+    return Path(settings.experiment_dir) / settings.experiment_name
+
+
 def logs_dir(settings: RunSettings) -> Path:
-    return Path(settings.experiment_dir) / settings.experiment_name / "logs"
+    return experiment_root(settings) / "logs"
 
 
-def workload_output_dir(settings: RunSettings, workload: str) -> Path:
-    """Where AlgoPerf writes ``trial_<k>/`` for this workload."""
-    return (
-        Path(settings.experiment_dir)
-        / settings.experiment_name
-        / f"{workload}_{settings.framework}"
-    )
+def workload_output_dir(settings: RunSettings, workload: str, study: int = 0) -> Path:
+    """Where AlgoPerf writes ``trial_<k>/`` for this study of this workload."""
+    return experiment_root(settings) / f"study_{study}" / f"{workload}_{settings.framework}"
+
+
+def finalize_settings(settings: RunSettings, repo_root: Path) -> RunSettings:
+    """The experiment name defaulted from the submission and the search space it will
+    really use."""
+    if settings.experiment_name is None:
+        search_space_arg, _ = resolve_search_space(settings, repo_root)
+        settings = dataclasses.replace(
+            settings, experiment_name=default_experiment_name(settings, search_space_arg)
+        )
+    return settings
 
 
 def build_plan(
@@ -422,24 +572,23 @@ def build_plan(
     resume: bool,
     first_trial: int = 1,
     overwrite: bool = False,
+    study: int = 0,
+    rng_seed: int | None = None,
 ) -> LaunchPlan:
-    """The launch plan for one workload. ``first_trial`` (1-based) skips finished trials;
-    ``overwrite`` (the user asked to start over) only matters for docker, whose container
-    decides between resuming and starting fresh by itself."""
-    if workload not in ALGOPERF_WORKLOADS:
+    """The launch plan for one study of one workload. ``first_trial`` (1-based) skips
+    finished trials; ``rng_seed`` is the study's seed; ``overwrite`` starts fresh."""
+    if workload not in DATASET_OF_WORKLOAD or workload not in known_workloads():
         raise RunnerError(
-            f"unknown AlgoPerf workload {workload!r}; choices: {', '.join(ALGOPERF_WORKLOADS)}"
+            f"unknown AlgoPerf workload {workload!r}; choices: {', '.join(known_workloads())}"
         )
+    settings = finalize_settings(settings, repo_root)
     search_space_arg, space = resolve_search_space(settings, repo_root)
-    num_trials = space.num_trials(settings.num_tuning_trials) if space is not None else 1
+    num_trials = space.num_trials(settings.requested_trials) if space is not None else 1
     if not 1 <= first_trial <= num_trials:
         raise RunnerError(f"first_trial={first_trial}; expected 1..{num_trials}")
-    log_name = f"{workload}_{settings.framework}"
+    log_name = f"study_{study}_{workload}_{settings.framework}"
+    submission_path = resolve_submission(settings.submission, settings.framework, repo_root)
     if settings.launcher == "docker":
-        submission_path = resolve_submission(settings.submission, settings.framework, repo_root)
-        submission_arg = (
-            settings.submission if settings.submission in SUBMISSION_NAMES else submission_path
-        )
         mount = None
         container_ss = search_space_arg
         if search_space_arg is not None and os.path.isabs(search_space_arg):
@@ -448,15 +597,17 @@ def build_plan(
         argv = docker_argv(
             workload,
             settings,
-            submission_arg=submission_arg,
+            submission_arg=submission_path,
             search_space_arg=container_ss,
             search_space_mount=mount,
             num_trials=num_trials,
-            overwrite=overwrite,
+            overwrite=overwrite or not resume,
+            study=study,
+            rng_seed=rng_seed,
+            hparam_start_index=first_trial - 1,
         )
         log_name += ".docker"
     else:
-        submission_path = resolve_submission(settings.submission, settings.framework, repo_root)
         argv = [
             *launcher_prefix(settings),
             *submission_runner_flags(
@@ -467,6 +618,8 @@ def build_plan(
                 resume=resume,
                 num_trials=num_trials,
                 hparam_start_index=first_trial - 1,
+                study=study,
+                rng_seed=rng_seed,
             ),
         ]
     return LaunchPlan(
@@ -476,10 +629,12 @@ def build_plan(
         argv=tuple(argv),
         cwd=repo_root,
         log_path=logs_dir(settings) / f"{log_name}.log",
-        workload_dir=workload_output_dir(settings, workload),
+        workload_dir=workload_output_dir(settings, workload, study),
         resume=resume,
         first_trial=first_trial,
         num_trials=num_trials,
+        study=study,
+        rng_seed=rng_seed,
     )
 
 
@@ -496,24 +651,27 @@ EXAMPLE_SETTINGS = RunSettings(
     submission="nadamw",
     data_dir="$HOME/data",
     experiment_dir="$HOME/experiment_runs",
-    experiment_name="nadamw_study_1",
-    tuning_search_space="tuning_search_spaces/nadamw.json",
-    num_tuning_trials=5,
+    experiment_name="nadamw_nadamw_lawa",
+    tuning_search_space="tuning_search_spaces/nadamw_lawa.json",
+    averaging="lawa",
     launcher="docker",
-    nproc_per_node=8,
     docker_image="polyak:pytorch",
+    rng_seed=1234,
 )
 EXAMPLE_WORKLOAD = "ogbg"
 
 
 def docker_example_argv() -> list[str]:
-    """The canonical ``docker run`` for the README: NadamW, PyTorch, OGBG, 5 trials, 8 GPUs."""
+    """The canonical ``docker run`` for the README: NadamW + LAWA, PyTorch, OGBG, study 0
+    of 3, 5 trials, on the default 4 accelerators, in AlgoPerf's startup.sh flags."""
     settings = EXAMPLE_SETTINGS
     return docker_argv(
         EXAMPLE_WORKLOAD,
         settings,
-        submission_arg=settings.submission,
+        submission_arg="submissions/nadamw/pytorch/submission.py",
         search_space_arg=settings.tuning_search_space,
+        study=0,
+        rng_seed=study_seed(1234, 0, EXAMPLE_WORKLOAD),
     )
 
 

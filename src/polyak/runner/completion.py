@@ -17,12 +17,19 @@ Anything else (a crash, a kill, a preemption mid-trial) leaves no marker, so a
 resumed run trains that trial again (AlgoPerf continues from its last
 checkpoint under ``--resume_last_run``). A marker is never half-written: it is
 written to a temporary file and renamed.
+
+The marker also records what the trial ran: its *identity* (submission, ruleset,
+search-space file and its hash, the hyperparameter point, step limit and seed).
+A finished trial counts as done for a new run only when that identity equals the
+new run's; :func:`identity_differences` says what differs, so a rerun with
+another search space, step limit or seed is never answered with old results.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import hashlib
 import json
 import math
 from collections.abc import Iterable
@@ -103,21 +110,121 @@ def first_unfinished(workload_dir: Path, num_trials: int) -> int | None:
 
 
 def reconcile_after_exit(
-    workload_dir: Path, trials: Iterable[int], exit_code: int, launcher: str
+    workload_dir: Path,
+    trials: Iterable[int],
+    exit_code: int,
+    launcher: str,
+    identities: dict[int, dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Marks the trials that a finished process completed; returns the newly marked ones."""
+    """Marks the trials that a finished process completed (recording each one's identity);
+    returns the newly marked ones."""
     marked = []
     for k in trials:
         path = trial_dir(workload_dir, k)
         if not path.is_dir() or is_finished(path):
             continue
+        extra: dict[str, Any] = {"launcher": launcher}
+        if identities and k in identities:
+            extra["identity"] = identities[k]
         if exit_code == 0:
-            mark_finished(path, "process exited 0", exit_code=0, launcher=launcher)
+            mark_finished(path, "process exited 0", exit_code=0, **extra)
         elif algoperf_training_ended(path):
-            mark_finished(
-                path, "AlgoPerf end-of-training row", exit_code=exit_code, launcher=launcher
-            )
+            mark_finished(path, "AlgoPerf end-of-training row", exit_code=exit_code, **extra)
         else:
             continue
         marked.append(k)
     return marked
+
+
+IDENTITY_KEYS: tuple[str, ...] = (
+    "submission",
+    "tuning_ruleset",
+    "search_space_sha256",
+    "hyperparameters",
+    "max_global_steps",
+    "rng_seed",
+)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def trial_identity(
+    *,
+    submission: str,
+    tuning_ruleset: str,
+    search_space: Path | None,
+    hyperparameters: dict[str, Any] | None,
+    max_global_steps: int | None,
+    rng_seed: int | None,
+) -> dict[str, Any]:
+    """What a trial runs, as recorded in its marker and compared on resume."""
+    return {
+        "submission": submission,
+        "tuning_ruleset": tuning_ruleset,
+        "search_space": None if search_space is None else str(search_space),
+        "search_space_sha256": None if search_space is None else file_sha256(search_space),
+        "hyperparameters": hyperparameters,
+        "max_global_steps": max_global_steps,
+        "rng_seed": rng_seed,
+    }
+
+
+def _recorded_hyperparameters(trial_path: Path) -> dict[str, Any] | None:
+    """AlgoPerf's hparams.json of a trial (it reuses that file on resume)."""
+    try:
+        data = json.loads((Path(trial_path) / "hparams.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def identity_differences(trial_path: Path, expected: dict[str, Any]) -> list[str]:
+    """How the trial in ``trial_path`` differs from ``expected`` (empty: the same run).
+
+    A finished trial is compared through its marker's identity; a started one through
+    the hparams.json AlgoPerf would reuse. Hyperparameters are compared only where the
+    expected point is known (list-format search spaces)."""
+    marker = read_marker(trial_path)
+    differences = []
+    if marker is not None:
+        recorded = marker.get("identity")
+        if not isinstance(recorded, dict):
+            return ["its finished marker records no hyperparameters, steps or seed"]
+        for key in IDENTITY_KEYS:
+            was, now = recorded.get(key), expected.get(key)
+            if (key == "hyperparameters" and now is None) or was == now:
+                continue
+            if key == "search_space_sha256":
+                old_path, new_path = recorded.get("search_space"), expected.get("search_space")
+                if old_path == new_path:
+                    differences.append(f"search space: {new_path} changed since the trial ran")
+                else:
+                    differences.append(f"search space: ran with {old_path}, now {new_path}")
+            elif key == "hyperparameters" and isinstance(was, dict):
+                differences.append(f"hyperparameters: {_dict_changes(was, now)}")
+            else:
+                differences.append(f"{key}: ran with {was!r}, now {now!r}")
+        return differences
+    wanted = expected.get("hyperparameters")
+    started = _recorded_hyperparameters(trial_path)
+    if wanted is not None and started is not None and started != wanted:
+        differences.append(
+            "hyperparameters: its hparams.json (which AlgoPerf reuses on resume) holds other "
+            f"values: {_dict_changes(started, wanted)}"
+        )
+    return differences
+
+
+def _dict_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    """``name: old -> new`` for the keys that differ (a few of them)."""
+    missing = object()
+    changes = [
+        f"{key}: {'(unset)' if old.get(key, missing) is missing else repr(old[key])} -> "
+        f"{'(unset)' if new.get(key, missing) is missing else repr(new[key])}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing)
+    ]
+    more = f" and {len(changes) - limit} more" if len(changes) > limit else ""
+    return "; ".join(changes[:limit]) + more

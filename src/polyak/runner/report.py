@@ -2,15 +2,17 @@
 
 Written into one folder (every file atomically):
 
-- ``report.md``: per-workload time to target, the side-by-side comparison per
-  framework (time-to-target ratios against a baseline run and total
-  accelerator-hours to target, a miss charged at the full budget, as in
-  Ajroldi et al.'s GPU-hours table), the AlgoPerf benchmark score of each run
-  against the others, and every trial;
+- ``report.md``: warnings first (fewer studies or trials than the leaderboard's
+  rules, missing workloads, unfinished trials), per-workload time to target, the
+  side-by-side comparison of all runs pooled as the leaderboard pools them,
+  whatever their framework (time-to-target ratios against a baseline run and
+  total accelerator-hours to target, a miss charged at the full budget, as in
+  Ajroldi et al.'s GPU-hours table; unfinished workloads are not charged), the
+  AlgoPerf benchmark score of each run against the others, and every trial;
 - ``workloads.csv``, ``trials.csv``, ``comparison.csv``, ``scores.csv``;
 - ``plots/<workload>_<framework>.png``: the validation metric against submission
   time, one line per trial, the target as a horizontal line;
-- ``plots/performance_profile_<framework>.png`` when there is something to compare.
+- ``plots/performance_profile.png`` when there is something to compare.
 
 Accelerator-hours are ``seconds x num_accelerators / 3600``.
 """
@@ -25,7 +27,13 @@ from typing import Any
 
 from polyak.files import atomic_write_bytes, atomic_write_text
 from polyak.runner.results import TrialResult, WorkloadResult, aggregate
-from polyak.runner.scoring import PerformanceProfile, benchmark_scores, performance_profiles
+from polyak.runner.scoring import (
+    REQUIRED_STUDIES,
+    REQUIRED_TRIALS,
+    PerformanceProfile,
+    benchmark_scores,
+    performance_profiles,
+)
 from polyak.runner.tables import (
     format_number,
     format_seconds,
@@ -34,14 +42,14 @@ from polyak.runner.tables import (
     text_table,
     write_csv,
 )
-from polyak.runner.workload_table import ALGOPERF_WORKLOADS
+from polyak.runner.workload_table import benchmark_workloads
 
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """One framework's runs side by side."""
+    """All runs side by side, pooled into one performance profile."""
 
-    framework: str
+    framework: str  # the frameworks pooled, e.g. "jax+pytorch"
     labels: tuple[str, ...]
     baseline: str
     workloads: tuple[str, ...]
@@ -50,6 +58,8 @@ class Comparison:
     num_accelerators: int
     scores: dict[str, float]
     profile: PerformanceProfile | None
+    warnings: tuple[str, ...] = ()
+    pooled: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +69,78 @@ class ReportFiles:
     plots: tuple[Path, ...]
 
 
+def status_seconds(seconds: float, status: str) -> str:
+    """A time to target, or ``unfinished`` where a miss is not (yet) established."""
+    return "unfinished" if status == "unfinished" else format_seconds(seconds)
+
+
 def accelerator_hours(seconds: float, num_accelerators: int) -> float:
     return seconds * num_accelerators / 3600.0
+
+
+def submission_keys(results: Sequence[WorkloadResult]) -> dict[tuple[str, str], str]:
+    """(label, framework) -> the name in the pooled profile: the label, with the
+    framework added only when one label ran in several frameworks."""
+    frameworks: dict[str, set[str]] = {}
+    for r in results:
+        frameworks.setdefault(r.label, set()).add(r.framework)
+    return {
+        (r.label, r.framework): r.label
+        if len(frameworks[r.label]) == 1
+        else f"{r.label} ({r.framework})"
+        for r in results
+    }
+
+
+def leaderboard_warnings(
+    results: Sequence[WorkloadResult], keys: dict[tuple[str, str], str], scored: Sequence[str]
+) -> list[str]:
+    """Every way these results fall short of what the leaderboard's score rests on."""
+    warnings = []
+    by_submission: dict[str, list[WorkloadResult]] = {}
+    for r in results:
+        by_submission.setdefault(keys[(r.label, r.framework)], []).append(r)
+    # The studies x trials rules are the benchmark's; other workloads (the embedded
+    # CPU suite) are only checked for unfinished trials.
+    benchmark = set(scored) <= set(benchmark_workloads())
+    for name, members in by_submission.items():
+        unfinished = sum(r.unfinished_trials for r in members)
+        if unfinished:
+            touched = sorted(r.workload for r in members if r.provisional)
+            warnings.append(
+                f"{name}: {unfinished} trial(s) unfinished (no target reached, and no sign "
+                f"that they ran to their end) in {', '.join(touched)}; the score counts them "
+                "as the leaderboard counts a crashed trial, as no hit, so it is provisional"
+            )
+        if not benchmark:
+            continue
+        present = {r.workload for r in members}
+        missing = [w for w in scored if w not in present]
+        if missing:
+            warnings.append(
+                f"{name}: no results for {len(missing)} of the {len(scored)} scored workloads "
+                f"({', '.join(missing)}); each counts as a miss"
+            )
+        ruleset = members[0].ruleset
+        few_studies = sorted(r.workload for r in members if len(r.study_times) < REQUIRED_STUDIES)
+        if few_studies:
+            counts = sorted({len(r.study_times) for r in members})
+            warnings.append(
+                f"{name}: {'/'.join(map(str, counts))} studies where the leaderboard scores "
+                f"{REQUIRED_STUDIES} ({', '.join(few_studies)}); a median over fewer studies "
+                "is not a leaderboard score"
+            )
+        required = REQUIRED_TRIALS.get(ruleset, 1)
+        few_trials = sorted(
+            r.workload for r in members if min(r.trials_per_study.values(), default=0) < required
+        )
+        if few_trials:
+            counts = sorted({n for r in members for n in r.trials_per_study.values()})
+            warnings.append(
+                f"{name}: {'/'.join(map(str, counts))} trial(s) per study where the {ruleset} "
+                f"ruleset asks for {required} ({', '.join(few_trials)})"
+            )
+    return warnings
 
 
 def compare(
@@ -69,49 +149,61 @@ def compare(
     baseline: str | None = None,
     num_accelerators: int = 1,
     num_workloads: int | None = None,
+    pool_frameworks: bool = True,
 ) -> list[Comparison]:
-    """Per framework: the runs' per-workload results, accelerator-hours and scores."""
-    comparisons = []
-    for framework in sorted({r.framework for r in results}):
-        members = [r for r in results if r.framework == framework]
-        labels = tuple(dict.fromkeys(r.label for r in members))
-        workloads = tuple(sorted({r.workload for r in members}))
-        table: dict[str, dict[str, WorkloadResult]] = {label: {} for label in labels}
-        for r in members:
-            table[r.label][r.workload] = r
-        base = baseline if baseline in labels else labels[0]
-        hours = {
-            label: sum(
-                accelerator_hours(r.charged_seconds, num_accelerators)
-                for r in table[label].values()
-            )
-            for label in labels
-        }
-        n = num_workloads
-        if n is None:
-            n = (
-                len(ALGOPERF_WORKLOADS)
-                if set(workloads) <= set(ALGOPERF_WORKLOADS)
-                else len(workloads)
-            )
-        times = {
-            label: {w: table[label][w].time_to_target for w in table[label]} for label in labels
-        }
-        profile = performance_profiles(times, workloads, num_workloads=max(n, len(workloads)))
-        comparisons.append(
-            Comparison(
-                framework=framework,
-                labels=labels,
-                baseline=base,
-                workloads=workloads,
-                results=table,
-                accelerator_hours=hours,
+    """All runs pooled, as the leaderboard pools submissions whatever their framework:
+    per-workload results, accelerator-hours, one performance profile and the scores.
+    ``pool_frameworks=False`` compares each framework's runs on their own instead (one
+    comparison per framework; not how the leaderboard scores)."""
+    if not results:
+        return []
+    if not pool_frameworks:
+        return [
+            dataclasses.replace(comparison, pooled=False)
+            for framework in sorted({r.framework for r in results})
+            for comparison in compare(
+                [r for r in results if r.framework == framework],
+                baseline=baseline,
                 num_accelerators=num_accelerators,
-                scores=benchmark_scores(profile),
-                profile=profile,
+                num_workloads=num_workloads,
             )
+        ]
+    keys = submission_keys(results)
+    labels = tuple(dict.fromkeys(keys[(r.label, r.framework)] for r in results))
+    workloads = tuple(sorted({r.workload for r in results}))
+    table: dict[str, dict[str, WorkloadResult]] = {label: {} for label in labels}
+    for r in results:
+        table[keys[(r.label, r.framework)]][r.workload] = r
+    named = [label for label in labels if label == baseline or label.startswith(f"{baseline} (")]
+    base = named[0] if named else labels[0]
+    hours = {
+        label: sum(
+            accelerator_hours(r.charged_seconds, num_accelerators)
+            for r in table[label].values()
+            if not r.unfinished
         )
-    return comparisons
+        for label in labels
+    }
+    benchmark = benchmark_workloads()
+    scored = benchmark if set(workloads) <= set(benchmark) else workloads
+    n = num_workloads if num_workloads is not None else len(scored)
+    times = {label: {w: table[label][w].time_to_target for w in table[label]} for label in labels}
+    profile = performance_profiles(times, workloads, num_workloads=max(n, len(workloads)))
+    frameworks = "+".join(sorted({r.framework for r in results}))
+    return [
+        Comparison(
+            framework=frameworks,
+            labels=labels,
+            baseline=base,
+            workloads=workloads,
+            results=table,
+            accelerator_hours=hours,
+            num_accelerators=num_accelerators,
+            scores=benchmark_scores(profile),
+            profile=profile,
+            warnings=tuple(leaderboard_warnings(results, keys, scored)),
+        )
+    ]
 
 
 def _ratio_text(value: float, base: float) -> str:
@@ -134,6 +226,8 @@ WORKLOAD_COLUMNS = (
     "max_runtime_sec",
     "studies",
     "trials",
+    "unfinished_trials",
+    "status",
     "study_times_sec",
 )
 TRIAL_COLUMNS = (
@@ -153,6 +247,7 @@ TRIAL_COLUMNS = (
     "final_time_sec",
     "num_evals",
     "finished",
+    "status",
     "path",
 )
 
@@ -173,6 +268,8 @@ def workload_rows(results: Sequence[WorkloadResult]) -> list[dict[str, Any]]:
             "max_runtime_sec": r.max_runtime_sec,
             "studies": len(r.study_times),
             "trials": r.num_trials,
+            "unfinished_trials": r.unfinished_trials,
+            "status": r.status,
             "study_times_sec": ";".join(f"{k}={v}" for k, v in r.study_times.items()),
         }
         for r in results
@@ -198,6 +295,7 @@ def trial_rows(trials: Sequence[TrialResult]) -> list[dict[str, Any]]:
             "final_time_sec": t.final_time,
             "num_evals": len(t.steps),
             "finished": t.finished,
+            "status": t.status,
             "path": str(t.path),
         }
         for t in sorted(trials, key=lambda t: (t.label, t.framework, t.workload, t.study, t.trial))
@@ -290,10 +388,16 @@ def plot_profile(comparison: Comparison, plot_dir: Path) -> Path | None:
     axes.set_xlabel("tau (time to target / best time to target)")
     axes.set_ylabel("fraction of workloads")
     axes.set_ylim(-0.02, 1.02)
-    axes.set_title(f"performance profile ({comparison.framework})")
+    scope = f"pooled: {comparison.framework}" if comparison.pooled else comparison.framework
+    axes.set_title(f"performance profile ({scope})")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
-    path = plot_dir / f"performance_profile_{comparison.framework}.png"
+    name = (
+        "performance_profile"
+        if comparison.pooled
+        else f"performance_profile_{comparison.framework}"
+    )
+    path = plot_dir / f"{name}.png"
     atomic_write_bytes(path, png_bytes(figure))
     return path
 
@@ -306,14 +410,22 @@ def render_markdown(
     num_accelerators: int,
     plots: Sequence[Path],
     output_dir: Path,
+    accelerator_type: str = "",
 ) -> str:
     parts = [f"# {title}", ""]
+    warnings = [w for c in comparisons for w in c.warnings]
+    if warnings:
+        parts += ["## WARNING: not a leaderboard-grade score", ""]
+        parts += [f"> **WARNING** {w}  " for w in warnings]
+        parts.append("")
     parts += [
         "Time to target follows AlgoPerf's rule: the first eval whose validation metric "
         "reaches the target (`<=` for minimised metrics, `>=` for maximised ones), in "
-        "accumulated submission time; a hit after the time budget is a miss. Per workload: "
-        "the fastest trial of each study, then the median over studies (misses count as "
-        "infinity).",
+        "accumulated submission time; a hit after the time budget is a miss. Per workload, "
+        "as the leaderboard scores it: within each study the trial that reaches the target "
+        "at the earliest eval, then the median over studies (misses count as infinity). A "
+        "trial that neither reached the target nor ran to its end is *unfinished*, not a "
+        "miss. All runs are pooled into one performance profile, whatever their framework.",
         "",
         "## Time to target",
         "",
@@ -336,9 +448,9 @@ def render_markdown(
                     r.framework,
                     r.workload,
                     f"{r.metric} {'<=' if r.direction == 'min' else '>='} {r.target:g}",
-                    "yes" if r.hit else "no",
-                    format_seconds(r.time_to_target),
-                    format_number(r.steps_to_target),
+                    {"hit": "yes", "miss": "no"}.get(r.status, r.status),
+                    status_seconds(r.time_to_target, r.status),
+                    format_number(r.steps_to_target) if not r.unfinished else "-",
                     format_number(r.best_metric),
                     len(r.study_times),
                     r.num_trials,
@@ -349,7 +461,8 @@ def render_markdown(
         "",
     ]
     for c in comparisons:
-        parts += [f"## Side by side ({c.framework}), baseline `{c.baseline}`", ""]
+        scope = f"pooled: {c.framework}" if c.pooled else c.framework
+        parts += [f"## Side by side ({scope}), baseline `{c.baseline}`", ""]
         header = ["workload", *c.labels]
         rows = []
         base = c.results[c.baseline]
@@ -362,13 +475,18 @@ def render_markdown(
                     row.append("-")
                     continue
                 row.append(
-                    format_seconds(r.time_to_target)
+                    status_seconds(r.time_to_target, r.status)
                     + ("" if label == c.baseline else _ratio_text(r.time_to_target, base_time))
+                    + (" (provisional)" if r.provisional and r.hit else "")
                 )
             rows.append(row)
         base_hours = c.accelerator_hours[c.baseline]
         rows.append(
-            [f"accelerator-hours to target (x{num_accelerators}, miss = budget)"]
+            [
+                f"accelerator-hours to target (x{num_accelerators}"
+                f"{' ' + accelerator_type if accelerator_type else ''}, miss = budget, "
+                "unfinished = not charged)"
+            ]
             + [
                 f"{c.accelerator_hours[label]:.4g}"
                 + (
@@ -380,8 +498,16 @@ def render_markdown(
             ]
         )
         rows.append(
-            ["AlgoPerf benchmark score (vs these runs)"]
-            + [f"{c.scores[label]:.4f}" for label in c.labels]
+            ["AlgoPerf benchmark score (vs these runs, pooled)"]
+            + [
+                f"{c.scores[label]:.4f}"
+                + (
+                    " (provisional)"
+                    if any(r.provisional for r in c.results[label].values())
+                    else ""
+                )
+                for label in c.labels
+            ]
         )
         parts += [md_table(header, rows), ""]
     parts += [
@@ -408,8 +534,8 @@ def render_markdown(
                     row["study"],
                     row["workload"],
                     row["trial"],
-                    "yes" if row["hit"] else "no",
-                    format_seconds(row["time_to_target_sec"]),
+                    {"hit": "yes", "miss": "no"}.get(row["status"], row["status"]),
+                    status_seconds(row["time_to_target_sec"], row["status"]),
                     row["steps_to_target"] if row["steps_to_target"] != "" else "-",
                     format_number(row["best_metric"]),
                     "yes" if row["over_budget"] else "no",
@@ -436,14 +562,21 @@ def build_report(
     baseline: str | None = None,
     num_workloads: int | None = None,
     plots: bool = True,
+    selection: str = "leaderboard",
+    pool_frameworks: bool = True,
+    accelerator_type: str = "",
 ) -> ReportFiles:
     """Writes the tables, plots and Markdown for these trials into ``output_dir``."""
     output_dir = Path(output_dir)
     if num_accelerators < 1:
         raise ValueError(f"num_accelerators={num_accelerators}; expected an integer >= 1")
-    results = aggregate(trials)
+    results = aggregate(trials, selection)
     comparisons = compare(
-        results, baseline=baseline, num_accelerators=num_accelerators, num_workloads=num_workloads
+        results,
+        baseline=baseline,
+        num_accelerators=num_accelerators,
+        num_workloads=num_workloads,
+        pool_frameworks=pool_frameworks,
     )
     tables = {
         "workloads": write_csv(
@@ -484,12 +617,22 @@ def build_report(
         plot_dir = output_dir / "plots"
         written += plot_curves(trials, plot_dir)
         for c in comparisons:
-            if len(c.labels) > 1 and (path := plot_profile(c, plot_dir)) is not None:
+            path = plot_profile(c, plot_dir) if len(c.labels) > 1 else None
+            if path is not None:
                 written.append(path)
     markdown = output_dir / "report.md"
     atomic_write_text(
         markdown,
-        render_markdown(title, results, trials, comparisons, num_accelerators, written, output_dir),
+        render_markdown(
+            title,
+            results,
+            trials,
+            comparisons,
+            num_accelerators,
+            written,
+            output_dir,
+            accelerator_type,
+        ),
     )
     return ReportFiles(markdown=markdown, tables=tables, plots=tuple(written))
 
@@ -502,9 +645,9 @@ def time_to_target_table(results: Sequence[WorkloadResult]) -> str:
             r.label,
             r.framework,
             r.workload,
-            "yes" if r.hit else "no",
-            format_number(r.steps_to_target),
-            format_seconds(r.time_to_target),
+            {"hit": "yes", "miss": "no"}.get(r.status, r.status),
+            format_number(r.steps_to_target) if not r.unfinished else "-",
+            status_seconds(r.time_to_target, r.status),
             format_number(r.best_metric),
         )
         for r in results

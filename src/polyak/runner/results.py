@@ -15,11 +15,21 @@ Per trial:
 - a hit after the workload's ``max_allowed_runtime_sec`` (1.5x for self-tuning)
   is a budget overrun and counts as a miss; a miss has time infinity.
 
-Per workload (AlgoPerf's documented rule): the fastest trial of each study, then
-the median over studies; infinities take part in the median. (AlgoPerf's
-``scoring/performance_profile.py`` picks, within a study, the trial whose first
-hit has the smallest eval *index*; that is the fastest trial whenever trials
-evaluate on a similar clock, and we follow the documented "fastest" rule.)
+Per workload, as the leaderboard's scoring code does it
+(``scoring/performance_profile.py``): within each study the trial whose first
+hit comes at the smallest eval *index* (``selection="leaderboard"``; ties go to
+the faster, then the lower-numbered trial), or the fastest trial
+(``selection="fastest"``); then the median over studies, infinities taking part.
+
+Finished or not. A trial that did not reach the target is a *miss* only when it
+provably ran to its end: polyak's finished marker, AlgoPerf's end-of-training row
+in ``measurements.csv``, a last eval within one eval period (x1.25) of the time
+budget, or ``--max_global_steps`` reached. Anything else (a crash, a kill, a run
+still going) is *unfinished*. It is labelled so and never charged the full budget;
+a workload that has no time because of it is *unfinished*, not a miss. The time
+used in the median and the score is the one the leaderboard would use if the
+unfinished trials ended without a hit (as a crash does), so a score resting on
+unfinished trials is provisional, and the report says so.
 
 Directory layout. A trial is ``.../<study>/<workload>_<framework>/trial_<k>/``.
 Given a root directory:
@@ -46,12 +56,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from polyak.runner.completion import EVAL_CSV, read_marker
+from polyak.runner.completion import EVAL_CSV, algoperf_training_ended, read_marker
 from polyak.runner.errors import ResultsFormatError
 from polyak.runner.workload_table import (
-    ALGOPERF_WORKLOADS,
     Direction,
     get_workload,
+    known_workloads,
     metric_direction,
     reached_target,
 )
@@ -60,6 +70,10 @@ WORKLOAD_DIR_RE = re.compile(r"^(?P<workload>.+)_(?P<framework>jax|pytorch)$")
 TRIAL_DIR_RE = re.compile(r"^trial_(?P<index>\d+)$")
 SELF_TUNING_BUDGET_FACTOR = 1.5
 INF = math.inf
+SELECTION_RULES: tuple[str, ...] = ("leaderboard", "fastest")
+# A last eval this many eval periods short of the time budget still means the budget
+# ran out: AlgoPerf stops at the next eval check, at most one period later.
+BUDGET_SLACK_EVAL_PERIODS = 1.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +133,7 @@ class TargetHit:
     time_to_target: float
     steps_to_target: int | None
     over_budget: bool
+    eval_index: int | None = None
 
 
 def find_time_to_target(
@@ -130,11 +145,11 @@ def find_time_to_target(
     max_runtime_sec: float = INF,
 ) -> TargetHit:
     """The first eval reaching the target; a hit after the budget counts as a miss."""
-    for step, seconds, value in zip(steps, times, values):
+    for index, (step, seconds, value) in enumerate(zip(steps, times, values)):
         if reached_target(value, target, direction):
             if seconds > max_runtime_sec:
                 return TargetHit(False, INF, None, True)
-            return TargetHit(True, float(seconds), int(step), False)
+            return TargetHit(True, float(seconds), int(step), False, index)
     return TargetHit(False, INF, None, False)
 
 
@@ -151,6 +166,9 @@ class TrialTarget:
     direction: Direction
     target: float
     max_runtime_sec: float
+    eval_period_sec: float = math.nan
+    max_global_steps: int | None = None
+    ruleset: str = "external"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +194,15 @@ class TrialResult:
     over_budget: bool
     best_metric: float
     finished: bool
+    first_hit_index: int | None = None
+    ruleset: str = "external"
+
+    @property
+    def status(self) -> str:
+        """``hit``, ``miss`` (ran to its end without reaching the target) or ``unfinished``."""
+        if self.hit:
+            return "hit"
+        return "miss" if self.finished else "unfinished"
 
     @property
     def final_step(self) -> int | None:
@@ -204,6 +231,7 @@ def trial_result(
     hit = find_time_to_target(
         steps, times, values, target.target, target.direction, target.max_runtime_sec
     )
+    finished = finished or hit.hit or ran_to_its_end(steps, times, target)
     return TrialResult(
         label=label,
         study=study,
@@ -224,7 +252,22 @@ def trial_result(
         over_budget=hit.over_budget,
         best_metric=best_value(values, target.direction),
         finished=finished,
+        first_hit_index=hit.eval_index,
+        ruleset=target.ruleset,
     )
+
+
+def ran_to_its_end(steps: Sequence[int], times: Sequence[float], target: TrialTarget) -> bool:
+    """True when the last eval shows the time budget or the step limit was used up."""
+    if not steps:
+        return False
+    if target.max_global_steps is not None and steps[-1] >= target.max_global_steps:
+        return True
+    last_time = times[-1]
+    if math.isnan(last_time) or math.isinf(target.max_runtime_sec):
+        return False
+    slack = target.eval_period_sec * BUDGET_SLACK_EVAL_PERIODS
+    return not math.isnan(slack) and last_time >= target.max_runtime_sec - slack
 
 
 def median(values: Sequence[float]) -> float:
@@ -256,19 +299,54 @@ class WorkloadResult:
     steps_to_target: float
     best_metric: float
     num_trials: int
+    trials_per_study: dict[str, int] = dataclasses.field(default_factory=dict)
+    unfinished_trials: int = 0
+    ruleset: str = "external"
 
     @property
     def hit(self) -> bool:
         return math.isfinite(self.time_to_target)
 
     @property
+    def unfinished(self) -> bool:
+        """No hit, and some trial may still change that: not a miss yet."""
+        return not self.hit and self.unfinished_trials > 0
+
+    @property
+    def provisional(self) -> bool:
+        """Rests on unfinished trials: a faster hit may still come."""
+        return self.unfinished_trials > 0
+
+    @property
+    def status(self) -> str:
+        return "hit" if self.hit else ("unfinished" if self.unfinished else "miss")
+
+    @property
     def charged_seconds(self) -> float:
-        """Time to target, or the whole budget on a miss (for accelerator-hours)."""
+        """Time to target, the whole budget on a miss, NaN while unfinished
+        (for accelerator-hours)."""
+        if self.unfinished:
+            return math.nan
         return self.time_to_target if self.hit else self.max_runtime_sec
 
 
-def aggregate(trials: Iterable[TrialResult]) -> list[WorkloadResult]:
+def _study_pick(members: Sequence[TrialResult], selection: str) -> TrialResult | None:
+    """The trial that stands for its study: the leaderboard's smallest eval index of the
+    first hit, or the fastest hit; None when no trial hit."""
+    hits = [t for t in members if t.hit]
+    if not hits:
+        return None
+    if selection == "fastest":
+        return min(hits, key=lambda t: (t.time_to_target, t.trial))
+    return min(hits, key=lambda t: (t.first_hit_index or 0, t.time_to_target, t.trial))
+
+
+def aggregate(
+    trials: Iterable[TrialResult], selection: str = "leaderboard"
+) -> list[WorkloadResult]:
     """AlgoPerf's per-workload rule for every (label, framework, workload) present."""
+    if selection not in SELECTION_RULES:
+        raise ResultsFormatError(f"selection={selection!r}; expected one of {SELECTION_RULES}")
     groups: dict[tuple[str, str, str], list[TrialResult]] = {}
     for trial in trials:
         groups.setdefault((trial.label, trial.framework, trial.workload), []).append(trial)
@@ -277,14 +355,19 @@ def aggregate(trials: Iterable[TrialResult]) -> list[WorkloadResult]:
         by_study: dict[str, list[TrialResult]] = {}
         for trial in members:
             by_study.setdefault(trial.study, []).append(trial)
-        study_times, study_trials, study_steps = {}, {}, {}
+        study_times: dict[str, float] = {}
+        study_trials: dict[str, int | None] = {}
+        study_steps: dict[str, float] = {}
         for study, study_members in sorted(by_study.items()):
-            fastest = min(study_members, key=lambda t: (t.time_to_target, t.trial))
-            study_times[study] = fastest.time_to_target
-            study_trials[study] = fastest.trial if fastest.hit else None
-            study_steps[study] = (
-                float(fastest.steps_to_target) if fastest.steps_to_target is not None else INF
-            )
+            picked = _study_pick(study_members, selection)
+            if picked is not None:
+                study_times[study] = picked.time_to_target
+                study_trials[study] = picked.trial
+                study_steps[study] = float(picked.steps_to_target or 0)
+            else:
+                study_times[study] = INF
+                study_trials[study] = None
+                study_steps[study] = INF
         first = members[0]
         results.append(
             WorkloadResult(
@@ -302,6 +385,9 @@ def aggregate(trials: Iterable[TrialResult]) -> list[WorkloadResult]:
                 steps_to_target=median(list(study_steps.values())),
                 best_metric=best_value([t.best_metric for t in members], first.direction),
                 num_trials=len(members),
+                trials_per_study={study: len(ms) for study, ms in sorted(by_study.items())},
+                unfinished_trials=sum(t.status == "unfinished" for t in members),
+                ruleset=first.ruleset,
             )
         )
     return results
@@ -329,7 +415,7 @@ def resolve_target(trial_path: Path, workload: str, framework: str) -> TrialTarg
     meta = _latest_json(trial_path, "meta_data")
     flags = _latest_json(trial_path, "flags")
     marker = read_marker(trial_path) or {}
-    table_info = get_workload(workload, framework) if workload in ALGOPERF_WORKLOADS else None
+    table_info = get_workload(workload, framework) if workload in known_workloads() else None
     metric = meta.get("workload.target_metric_name") or marker.get("target_metric")
     if not metric and table_info is not None:
         metric = table_info.target_metric
@@ -343,7 +429,7 @@ def resolve_target(trial_path: Path, workload: str, framework: str) -> TrialTarg
         raise ResultsFormatError(
             f"{trial_path}: no target known for workload {workload!r} (no meta_data_*.json with "
             "workload.target_metric_name / workload.validation_target_value, and not one of "
-            f"the AlgoPerf workloads {', '.join(ALGOPERF_WORKLOADS)})"
+            f"the AlgoPerf workloads {', '.join(known_workloads())})"
         )
     direction = marker.get("direction") or meta.get("workload.target_direction")
     if direction not in ("min", "max"):
@@ -351,9 +437,22 @@ def resolve_target(trial_path: Path, workload: str, framework: str) -> TrialTarg
             direction = table_info.direction
         else:
             direction = metric_direction(metric)
-    if flags.get("tuning_ruleset") == "self":
+    ruleset = "self" if flags.get("tuning_ruleset") == "self" else "external"
+    if ruleset == "self":
         budget = float(budget) * SELF_TUNING_BUDGET_FACTOR
-    return TrialTarget(str(metric), direction, float(target), float(budget))
+    period = meta.get("workload.eval_period_time_sec")
+    if period is None and table_info is not None:
+        period = table_info.eval_period_sec
+    max_steps = flags.get("max_global_steps", marker.get("max_global_steps"))
+    return TrialTarget(
+        str(metric),
+        direction,
+        float(target),
+        float(budget),
+        eval_period_sec=float(period) if period is not None else math.nan,
+        max_global_steps=int(max_steps) if max_steps else None,
+        ruleset=ruleset,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,9 +467,15 @@ class TrialLocation:
 
 def discover_trials(root: str | Path, label: str | None = None) -> list[TrialLocation]:
     """Every ``trial_<k>`` folder under ``root`` with an eval_measurements.csv."""
-    root = Path(root).resolve()
+    given = root
+    root = Path(root).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise ResultsFormatError(
+            f"{given} is a file, not an experiment directory (give the folder that holds "
+            "<workload>_<framework>/trial_<k>/ or study_<k>/ folders)"
+        )
     if not root.is_dir():
-        raise ResultsFormatError(f"experiment directory {root} does not exist")
+        raise ResultsFormatError(f"experiment directory {given} does not exist")
     found = []
     for csv_path in sorted(root.rglob(EVAL_CSV)):
         trial_path = csv_path.parent
@@ -410,7 +515,7 @@ def load_trial(location: TrialLocation) -> TrialResult:
         workload=location.workload,
         framework=location.framework,
         trial=location.trial,
-        finished=read_marker(location.path) is not None,
+        finished=read_marker(location.path) is not None or algoperf_training_ended(location.path),
     )
 
 

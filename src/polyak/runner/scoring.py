@@ -4,6 +4,11 @@ Given per-workload times to target ``t[s][w]`` for several submissions s (the
 median over studies; infinity for a miss), AlgoPerf's scoring
 (``scoring/performance_profile.py`` and ``score_submissions.py``) does:
 
+All submissions are pooled into one profile, whatever their framework: the
+leaderboard ranks a JAX baseline and a PyTorch Shampoo against each other.
+An unknown time (NaN: the workload is unfinished) counts like a miss in the
+profile and never as the best time; the report flags such scores as provisional.
+
 1. per workload, the best time ``b[w] = min_s t[s][w]``;
 2. a time more than 4x the best becomes infinity;
 3. the ratio ``r[s][w] = t[s][w] / b[w]`` (with a reference submission: divided by
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -30,6 +35,10 @@ MAX_TAU = 4.0
 NUM_POINTS = 100
 # Times beyond this multiple of the best get no credit (AlgoPerf: r_max = 4).
 MAX_RATIO = 4.0
+# The leaderboard's rules (scoring/performance_profile.py): 3 studies per workload,
+# 5 trials per study under external tuning, one under self-tuning.
+REQUIRED_STUDIES = 3
+REQUIRED_TRIALS: dict[str, int] = {"external": 5, "self": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,21 +60,26 @@ def performance_ratios(
         raise RunnerError(f"reference submission {reference!r} is not among {sorted(times)}")
     table = {s: {w: float(times[s].get(w, math.inf)) for w in workloads} for s in times}
     for w in workloads:
-        best = min(table[s][w] for s in table)
+        best = _best(table[s][w] for s in table)
         for s in table:
             if table[s][w] > MAX_RATIO * best:
                 table[s][w] = math.inf
     ratios: dict[str, dict[str, float]] = {s: {} for s in table}
     for w in workloads:
-        best = min(table[s][w] for s in table)
+        best = _best(table[s][w] for s in table)
         denominator = table[reference][w] if reference is not None else best
         for s in table:
             ratios[s][w] = _ratio(table[s][w], denominator)
     return ratios
 
 
+def _best(values: Iterable[float]) -> float:
+    """The smallest known time (NaN, unknown, is skipped; inf when none is known)."""
+    return min((v for v in values if not math.isnan(v)), default=math.inf)
+
+
 def _ratio(time: float, denominator: float) -> float:
-    if math.isinf(denominator) or math.isnan(denominator):
+    if math.isinf(denominator) or math.isnan(denominator) or math.isnan(time):
         return math.nan
     if denominator == 0:
         return 1.0 if time == 0 else math.inf

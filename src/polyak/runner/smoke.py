@@ -31,7 +31,7 @@ from polyak.runner.commands import find_repo_root, resolve_submission, submissio
 from polyak.runner.errors import AlgoPerfMissingError, RunnerError
 from polyak.runner.search_space import load_search_space
 from polyak.runner.submission_loader import load_submission_module
-from polyak.runner.workload_table import ALGOPERF_WORKLOADS, select_workloads
+from polyak.runner.workload_table import select_benchmark_workloads
 
 Emit = Callable[[str], None]
 PER_DEVICE_BATCH = 2
@@ -265,15 +265,16 @@ def run_smoke(
     out: Emit = print,
 ) -> list[SmokeResult]:
     """Runs :func:`smoke_one` for each selected workload and reports each outcome."""
-    names = select_workloads(workloads, ALGOPERF_WORKLOADS)
+    names = select_benchmark_workloads(workloads)
+    # Bad inputs first, each named, before the (slow, heavy) AlgoPerf import.
+    root = find_repo_root(repo_root)
+    path = resolve_submission(submission, framework, root)
+    hyperparameters = _hyperparameters(root, submission, tuning_search_space, tuning_ruleset)
     try:
         importlib.import_module("algoperf.workloads.workloads")
     except ImportError as exc:
         raise AlgoPerfMissingError(str(exc)) from exc
-    root = find_repo_root(repo_root)
-    path = resolve_submission(submission, framework, root)
     module = load_submission_module(root / path)
-    hyperparameters = _hyperparameters(root, submission, tuning_search_space, tuning_ruleset)
     results = []
     for name in names:
         started = time.monotonic()

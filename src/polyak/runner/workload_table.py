@@ -1,7 +1,9 @@
-"""The eight AlgoPerf workloads: target metric, direction, targets, budget, step hint.
+"""The AlgoPerf workloads: target metric, direction, targets, budget, step hint.
 
-Targets and budgets move between AlgoPerf releases, so the values are read from
-the installed ``algoperf`` when it can be imported: the workload class named in
+Which workloads the benchmark scores, their targets and budgets move between
+AlgoPerf releases (current AlgoPerf adds ``finewebedu_lm``, metric ``ppl``, to
+v0.6's eight), so the list is the installed ``algoperf``'s ``BASE_WORKLOADS``
+and the values are read from it when it can be imported: the workload class named in
 ``algoperf.workloads.workloads.WORKLOADS`` is imported lazily (that pulls in
 torch, jax and tensorflow) and its properties are read without running its
 constructor. Anything that goes wrong on the way (algoperf missing, a framework
@@ -38,9 +40,16 @@ ALGOPERF_WORKLOADS: tuple[str, ...] = (
     "wmt",
 )
 FRAMEWORKS: tuple[str, ...] = ("pytorch", "jax")
+# The current rules' scoring machine (v0.6's pinned docs still say 8x V100; later
+# AlgoPerf moved to 4 accelerators). Flags override both.
+DEFAULT_NUM_ACCELERATORS = 4
+DEFAULT_ACCELERATOR_TYPE = "A100"
 
-# AlgoPerf's scoring treats these metric names as minimised / maximised.
-MINIMIZED_METRICS = frozenset({"loss", "ce_loss", "error_rate", "ctc_loss", "wer", "l1_loss"})
+# AlgoPerf's scoring treats these metric names as minimised / maximised (ppl: the
+# language-model workload's perplexity).
+MINIMIZED_METRICS = frozenset(
+    {"loss", "ce_loss", "error_rate", "ctc_loss", "wer", "l1_loss", "ppl"}
+)
 MAXIMIZED_METRICS = frozenset({"accuracy", "ssim", "bleu", "mean_average_precision"})
 
 
@@ -192,11 +201,50 @@ def _cached_algoperf(name: str, frameworks: tuple[str, ...]) -> tuple[WorkloadIn
     return None, "; ".join(reasons)
 
 
+def known_workloads() -> tuple[str, ...]:
+    """The workloads the runner accepts: the benchmark's, from the installed algoperf
+    when it can be imported (v0.6's eight otherwise)."""
+    return benchmark_workloads()
+
+
+def _source_hint() -> str:
+    if _algoperf_base_workloads() is not None:
+        return "the installed algoperf's base workloads"
+    return (
+        "algoperf is not importable here, so only v0.6's built-in eight are known; "
+        "install the algoperf that has the workload"
+    )
+
+
 def _check_name(name: str) -> None:
-    if name not in ALGOPERF_WORKLOADS:
+    choices = known_workloads()
+    if name not in choices:
         raise UnknownWorkloadError(
-            f"unknown AlgoPerf workload {name!r}; choices: {', '.join(ALGOPERF_WORKLOADS)}"
+            f"unknown AlgoPerf workload {name!r} ({_source_hint()}); choices: {', '.join(choices)}"
         )
+
+
+def select_benchmark_workloads(selection: str | Sequence[str]) -> list[str]:
+    """:func:`select_workloads` among :func:`known_workloads`, saying where the list is from."""
+    try:
+        return select_workloads(selection, known_workloads())
+    except UnknownWorkloadError as exc:
+        raise UnknownWorkloadError(f"{exc} ({_source_hint()})") from None
+
+
+@functools.cache
+def _algoperf_base_workloads() -> tuple[str, ...] | None:
+    try:
+        registry = importlib.import_module("algoperf.workloads.workloads")
+        return tuple(str(name) for name in registry.BASE_WORKLOADS)
+    except Exception:  # algoperf missing or broken: the fallback list stands
+        return None
+
+
+def benchmark_workloads() -> tuple[str, ...]:
+    """The workloads the benchmark score counts: the installed algoperf's
+    ``BASE_WORKLOADS``, else v0.6's eight."""
+    return _algoperf_base_workloads() or ALGOPERF_WORKLOADS
 
 
 def get_workload(name: str, framework: str = "jax", source: Source = "auto") -> WorkloadInfo:
@@ -205,19 +253,24 @@ def get_workload(name: str, framework: str = "jax", source: Source = "auto") -> 
     if source not in ("auto", "algoperf", "fallback"):
         raise RunnerError(f"source={source!r}; expected auto, algoperf or fallback")
     if source == "fallback":
+        if name not in FALLBACK_TABLE:
+            raise RunnerError(
+                f"workload {name!r} has no built-in v0.6 values; read it from algoperf"
+            )
         return FALLBACK_TABLE[name]
     order = (framework, *[f for f in FRAMEWORKS if f != framework])
     info, reason = _cached_algoperf(name, order)
     if info is not None:
         return info
-    if source == "algoperf":
+    if source == "algoperf" or name not in FALLBACK_TABLE:
         raise RunnerError(f"could not read workload {name!r} from algoperf: {reason}")
     return dataclasses.replace(FALLBACK_TABLE[name], source="fallback (algoperf not importable)")
 
 
 def workload_table(
-    names: Iterable[str] = ALGOPERF_WORKLOADS, framework: str = "jax", source: Source = "auto"
+    names: Iterable[str] | None = None, framework: str = "jax", source: Source = "auto"
 ) -> dict[str, WorkloadInfo]:
+    names = known_workloads() if names is None else names
     return {name: get_workload(name, framework, source) for name in names}
 
 
