@@ -346,7 +346,6 @@ class _Run:
 
     workload: spec.Workload
     name: str
-    framework: str
     submission: _Submission
     hyperparameters: Any
     config: LoopConfig
@@ -360,6 +359,10 @@ class _Run:
     budget: float
     dataset: DatasetFingerprint | None
     primary: bool
+
+    @property
+    def framework(self) -> str:
+        return self.backend.framework
 
     @property
     def writes_checkpoints(self) -> bool:
@@ -463,15 +466,7 @@ def run_training(
     previous_threads = backend.set_cpu_threads(config.cpu_threads)
     try:
         run = _set_up(
-            workload,
-            submission,
-            hyperparameters,
-            framework=framework,
-            config=config,
-            backend=backend,
-            output_dir=None if output_dir is None else os.fspath(output_dir),
-            progress=progress,
-            resume=resume,
+            workload, submission, hyperparameters, backend, config, output_dir, resume, progress
         )
         return _train(run)
     finally:
@@ -509,16 +504,14 @@ def _set_up(
     workload: spec.Workload | str,
     submission: Any,
     hyperparameters: Any,
-    *,
-    framework: str,
-    config: LoopConfig,
     backend: LoopBackend,
-    output_dir: str | None,
-    progress: Callable[[str], None] | None,
+    config: LoopConfig,
+    output_dir: str | os.PathLike[str] | None,
     resume: bool,
+    progress: Callable[[str], None] | None,
 ) -> _Run:
     """Checks the arguments and settles the run's batch sizes, eval period and budget."""
-    workload, name = _resolve_workload(workload, framework)
+    workload, name = _resolve_workload(workload, backend.framework)
     functions = _Submission.from_object(submission)
     if resume and output_dir is None:
         raise ValueError("resume=True needs the output_dir that holds the checkpoint")
@@ -531,12 +524,11 @@ def _set_up(
     return _Run(
         workload=workload,
         name=name,
-        framework=framework,
         submission=functions,
         hyperparameters=hyperparameters,
         config=config,
         backend=backend,
-        output_dir=output_dir,
+        output_dir=None if output_dir is None else os.fspath(output_dir),
         resume=resume,
         say=progress or (lambda line: None),
         global_batch_size=_check_batch_size("global batch size", global_batch_size, shards),
