@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from polyak.algoperf import spec
-from polyak.distributed_torch import all_reduce_sum, rank_and_world
+from polyak.distributed_torch import all_reduce_sum, is_distributed, rank_and_world
 from polyak.workloads import prng
 from polyak.workloads.base import EmbeddedWorkload, parameter_type
 
@@ -158,8 +158,7 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
             name: parameter_type(*_module_and_leaf(name)) for name in self._param_shapes
         }
         model.to(self._device)
-        _, world = rank_and_world()
-        if world > 1:
+        if is_distributed():
             device_ids = [self._device.index] if self._device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
         self._model = model
