@@ -278,6 +278,21 @@ def test_targets_budgets_and_names(initialized):
     assert len(workload.train_mean) == len(workload.train_stddev) == workload.num_features
 
 
+def test_settings_are_read_from_class_attributes():
+    from polyak.workloads.common_torch import TorchEmbeddedWorkload
+
+    class Tiny(TorchEmbeddedWorkload):
+        dataset_name = "diabetes"
+        _loss_type = spec.LossType.MEAN_ABSOLUTE_ERROR
+        _step_hint = 7
+        _eval_period_steps = 3
+
+    tiny = Tiny()
+    assert tiny.loss_type == spec.LossType.MEAN_ABSOLUTE_ERROR
+    assert (tiny.step_hint, tiny.eval_period_steps) == (7, 3)
+    assert "calibrated" in type(tiny).recommended_batch_size.__doc__
+
+
 def test_has_reached_targets_direction(initialized):
     name, _, workload, _, _ = initialized
     metric = workload.target_metric_name

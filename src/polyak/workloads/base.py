@@ -69,6 +69,7 @@ class EmbeddedWorkload(spec.Workload):
     hidden_widths: tuple[int, ...] = ()
     num_outputs: int = 1
     use_batch_norm: bool = False
+    _loss_type: spec.LossType  # no default: each workload names its loss
     _target_metric: str = ""
     _higher_is_better: bool = True
     _validation_target: float = math.nan
@@ -143,6 +144,7 @@ class EmbeddedWorkload(spec.Workload):
 
     # ---- targets and budgets --------------------------------------------------
 
+    loss_type = _class_setting("_loss_type")
     target_metric_name = _class_setting("_target_metric")
     validation_target_value = _class_setting("_validation_target")
     test_target_value = _class_setting("_test_target")
