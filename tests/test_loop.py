@@ -476,6 +476,8 @@ def test_outputs_match_algoperf_layout_and_are_written_atomically(tmp_path, monk
 
     evals_written = [src for src, dst in replaced if dst == "eval_measurements.csv"]
     assert len(evals_written) == 3 and all(src != dst for src, dst in replaced)
+    checkpoints_written = [dst for _, dst in replaced if dst.startswith("checkpoint_")]
+    assert checkpoints_written == ["checkpoint_1", "checkpoint_6", "checkpoint_7", "checkpoint_7"]
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temp files left
 
     measurements = _read_csv(out / "measurements.csv")

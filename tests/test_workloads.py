@@ -12,6 +12,7 @@ import pytest
 
 from polyak.algoperf import spec
 from polyak.workloads import data
+from polyak.workloads.input_queue import InputQueue
 from polyak.workloads.registry import EMBEDDED_WORKLOADS, UnknownWorkloadError, make_workload
 
 FRAMEWORKS = ("pytorch", "jax")
@@ -120,6 +121,38 @@ def test_train_batches_shuffle_per_epoch_cover_everything_and_fast_forward():
     assert np.array_equal(next(skipped)["targets"], epochs[1][batch : 2 * batch])
 
 
+def test_input_queue_counts_skips_and_ends_at_its_limit():
+    plain = InputQueue(iter(range(10)), convert=lambda x: -x, limit=6)
+    plain.fast_forward(3)
+    assert list(plain) == [-3, -4, -5]
+    assert plain.batches_drawn == 6
+
+    class Skippable:
+        """A stream that can skip ahead itself; being iterated over while skipping is an error."""
+
+        def __init__(self) -> None:
+            self.position = 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self) -> int:
+            self.position += 1
+            return self.position - 1
+
+        def fast_forward(self, num_batches: int) -> None:
+            self.position += num_batches
+
+    stream = Skippable()
+    queue = InputQueue(stream)
+    queue.fast_forward(4)
+    assert next(queue) == 4 and queue.batches_drawn == 5 and stream.position == 5
+    # A queue over a queue (what the loop hands data_selection) skips through both.
+    outer = InputQueue(queue)
+    outer.fast_forward(2)
+    assert next(outer) == 7 and (outer.batches_drawn, queue.batches_drawn) == (3, 8)
+
+
 def test_eval_batches_pad_with_zero_weights():
     split = data.prepare_dataset("diabetes").validation
     batches = data.eval_batches(split, 88, 32)
@@ -164,6 +197,26 @@ assert 'torch' not in sys.modules, 'jax twin imported torch'
 """
     for code in (code_torch, code_jax):
         subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _own_names(cls: type) -> list[str]:
+    return [name for name in vars(cls) if not name.startswith("__")]
+
+
+def test_twins_share_names_in_the_same_order():
+    from polyak.workloads.common_jax import JaxEmbeddedWorkload
+    from polyak.workloads.common_torch import TorchEmbeddedWorkload
+    from polyak.workloads.loop_jax import JaxLoopBackend
+    from polyak.workloads.loop_torch import TorchLoopBackend
+
+    assert _own_names(TorchLoopBackend) == _own_names(JaxLoopBackend)
+    torch_names, jax_names = _own_names(TorchEmbeddedWorkload), _own_names(JaxEmbeddedWorkload)
+    shared = [name for name in torch_names if name in jax_names]
+    assert shared == [name for name in jax_names if name in torch_names]
+    # Every framework hook of the base is implemented by both twins.
+    hooks = {"_forward", "_softmax_cross_entropy", "_squared_error", "_argmax", "_cast"}
+    hooks |= {"_scalar_like", "_eval_batch_sums", "_to_framework_batch"}
+    assert hooks <= set(shared)
 
 
 # ---- the Workload interface ----------------------------------------------------------
@@ -223,6 +276,21 @@ def test_targets_budgets_and_names(initialized):
     )
     assert workload.dataset_sha256 == data.DATASET_SPECS[name].expected_sha256
     assert len(workload.train_mean) == len(workload.train_stddev) == workload.num_features
+
+
+def test_settings_are_read_from_class_attributes():
+    from polyak.workloads.common_torch import TorchEmbeddedWorkload
+
+    class Tiny(TorchEmbeddedWorkload):
+        dataset_name = "diabetes"
+        _loss_type = spec.LossType.MEAN_ABSOLUTE_ERROR
+        _step_hint = 7
+        _eval_period_steps = 3
+
+    tiny = Tiny()
+    assert tiny.loss_type == spec.LossType.MEAN_ABSOLUTE_ERROR
+    assert (tiny.step_hint, tiny.eval_period_steps) == (7, 3)
+    assert "calibrated" in type(tiny).recommended_batch_size.__doc__
 
 
 def test_has_reached_targets_direction(initialized):

@@ -3,19 +3,23 @@
 :class:`EmbeddedWorkload` implements the framework-free part of AlgoPerf's
 ``Workload`` interface for a small bundled dataset: split sizes, targets and
 their direction, budgets, the dataset fingerprint, the input queues (numpy
-first, converted by the framework twin) and the evaluation loop over the
+first, converted by the framework twin), the forward-pass contract of
+``model_fn``, the loss and eval metrics (written once over a few array
+operations each twin supplies) and the evaluation loop over the
 ``eval_train`` / ``validation`` / ``test`` splits.
 
 A concrete workload is three layers, each written once:
 ``digits.BaseDigitsWorkload`` (data, model shape, targets, budgets), then
-``torch_common.TorchEmbeddedWorkload`` or ``jax_common.JaxEmbeddedWorkload``
-(model, loss, batches for one framework), joined in ``digits_torch.py`` etc.
+``common_torch.TorchEmbeddedWorkload`` or ``common_jax.JaxEmbeddedWorkload``
+(model, array operations, batches for one framework), joined in
+``digits_torch.py`` etc.
 """
 
 from __future__ import annotations
 
 import abc
 import math
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,8 +34,26 @@ from polyak.workloads.data import (
     eval_batches,
     prepare_dataset,
 )
+from polyak.workloads.input_queue import InputQueue
 
 EVAL_SPLITS = ("eval_train", "validation", "test")
+
+# Parameter leaves that scale rather than shift: torch names both kinds
+# "weight"; flax names them "kernel" (Dense) and "scale" (BatchNorm).
+_SCALING_LEAVES = ("weight", "kernel", "scale")
+
+
+def parameter_type(module_name: str, leaf_name: str) -> spec.ParameterType:
+    """AlgoPerf's type for one of our parameters (``bn*`` modules are BatchNorm)."""
+    scales = leaf_name in _SCALING_LEAVES
+    if module_name.startswith("bn"):
+        return spec.ParameterType.BATCH_NORM_SCALE if scales else spec.ParameterType.BATCH_NORM_BIAS
+    return spec.ParameterType.WEIGHT if scales else spec.ParameterType.BIAS
+
+
+def _class_setting(attribute: str, doc: str | None = None) -> Any:
+    """A read-only property for a value each workload sets as a class attribute."""
+    return property(operator.attrgetter(attribute), doc=doc)
 
 
 class EmbeddedWorkload(spec.Workload):
@@ -47,6 +69,7 @@ class EmbeddedWorkload(spec.Workload):
     hidden_widths: tuple[int, ...] = ()
     num_outputs: int = 1
     use_batch_norm: bool = False
+    _loss_type: spec.LossType  # no default: each workload names its loss
     _target_metric: str = ""
     _higher_is_better: bool = True
     _validation_target: float = math.nan
@@ -121,22 +144,25 @@ class EmbeddedWorkload(spec.Workload):
 
     # ---- targets and budgets --------------------------------------------------
 
-    @property
-    def target_metric_name(self) -> str:
-        return self._target_metric
+    loss_type = _class_setting("_loss_type")
+    target_metric_name = _class_setting("_target_metric")
+    validation_target_value = _class_setting("_validation_target")
+    test_target_value = _class_setting("_test_target")
+    step_hint = _class_setting("_step_hint")
+    max_allowed_runtime_sec = _class_setting("_max_allowed_runtime_sec")
+    eval_period_time_sec = _class_setting("_eval_period_time_sec")
+    eval_period_steps = _class_setting(
+        "_eval_period_steps", "Steps between evals in the local loop (which counts steps)."
+    )
+    eval_batch_size = _class_setting("_eval_batch_size")
+    recommended_batch_size = _class_setting(
+        "_recommended_batch_size", "The global batch size the targets were calibrated with."
+    )
 
     @property
     def target_direction(self) -> str:
         """``"max"`` when higher is better (accuracy), ``"min"`` for loss-like metrics."""
         return "max" if self._higher_is_better else "min"
-
-    @property
-    def validation_target_value(self) -> float:
-        return self._validation_target
-
-    @property
-    def test_target_value(self) -> float:
-        return self._test_target
 
     def _beats(self, value: float, target: float) -> bool:
         # AlgoPerf compares strictly: > for accuracy-like, < for loss-like metrics.
@@ -149,32 +175,6 @@ class EmbeddedWorkload(spec.Workload):
 
     def has_reached_test_target(self, eval_result: dict[str, float]) -> bool:
         return self._beats(eval_result[f"test/{self.target_metric_name}"], self.test_target_value)
-
-    @property
-    def step_hint(self) -> int:
-        return self._step_hint
-
-    @property
-    def max_allowed_runtime_sec(self) -> int:
-        return self._max_allowed_runtime_sec
-
-    @property
-    def eval_period_time_sec(self) -> int:
-        return self._eval_period_time_sec
-
-    @property
-    def eval_period_steps(self) -> int:
-        """Steps between evals in the local loop (which counts steps, not seconds)."""
-        return self._eval_period_steps
-
-    @property
-    def eval_batch_size(self) -> int:
-        return self._eval_batch_size
-
-    @property
-    def recommended_batch_size(self) -> int:
-        """The global batch size the targets were calibrated with."""
-        return self._recommended_batch_size
 
     # ---- input queues ---------------------------------------------------------
 
@@ -216,6 +216,112 @@ class EmbeddedWorkload(spec.Workload):
         if split not in sizes:
             raise ValueError(f"unknown split {split!r}; expected train or one of {EVAL_SPLITS}")
         return sizes[split]
+
+    # ---- model ------------------------------------------------------------------
+
+    def model_fn(
+        self,
+        params: spec.ParameterContainer,
+        augmented_and_preprocessed_input_batch: dict[str, spec.Tensor],
+        model_state: spec.ModelAuxiliaryState,
+        mode: spec.ForwardPassMode,
+        rng: spec.RandomState,
+        update_batch_norm: bool,
+        dropout_rate: float = 0.0,
+    ) -> tuple[spec.Tensor, spec.ModelAuxiliaryState]:
+        """Logits and the model state after one forward pass (AlgoPerf's signature)."""
+        train = mode == spec.ForwardPassMode.TRAIN
+        if not train and update_batch_norm:
+            raise ValueError("update_batch_norm=True is not allowed in EVAL mode")
+        inputs = augmented_and_preprocessed_input_batch["inputs"]
+        return self._forward(
+            params, inputs, model_state, train, rng, update_batch_norm, dropout_rate
+        )
+
+    @abc.abstractmethod
+    def _forward(
+        self,
+        params: spec.ParameterContainer,
+        inputs: spec.Tensor,
+        model_state: spec.ModelAuxiliaryState,
+        train: bool,
+        rng: spec.RandomState,
+        update_batch_norm: bool,
+        dropout_rate: float,
+    ) -> tuple[spec.Tensor, spec.ModelAuxiliaryState]:
+        """The framework's forward pass, for a mode already checked by ``model_fn``."""
+
+    # ---- loss and metrics -------------------------------------------------------
+
+    def loss_fn(
+        self,
+        label_batch: spec.Tensor,
+        logits_batch: spec.Tensor,
+        mask_batch: spec.Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ) -> dict[str, spec.Tensor]:
+        """Per-example losses, their (masked) sum and the number of valid examples.
+
+        Softmax cross-entropy smooths labels as ``(1-α)·onehot + α/K``; mean
+        squared error sums over outputs and ignores ``label_smoothing``.
+        """
+        if self.loss_type == spec.LossType.SOFTMAX_CROSS_ENTROPY:
+            per_example = self._softmax_cross_entropy(label_batch, logits_batch, label_smoothing)
+        else:
+            per_example = self._squared_error(label_batch, logits_batch)
+        if mask_batch is None:
+            n_valid = self._scalar_like(per_example.shape[0], per_example)
+        else:
+            mask = self._cast(mask_batch, per_example.dtype)
+            per_example = per_example * mask
+            n_valid = mask.sum()
+        return {
+            "summed": per_example.sum(),
+            "n_valid_examples": n_valid,
+            "per_example": per_example,
+        }
+
+    def _summed_metrics(
+        self, logits: spec.Tensor, targets: spec.Tensor, weights: spec.Tensor
+    ) -> dict[str, spec.Tensor]:
+        summed_loss = self.loss_fn(targets, logits, weights)["summed"]
+        if self.loss_type == spec.LossType.SOFTMAX_CROSS_ENTROPY:
+            correct = self._cast(self._argmax(logits) == targets, weights.dtype)
+            return {"accuracy": (correct * weights).sum(), "loss": summed_loss}
+        return {"mse": summed_loss, "loss": summed_loss}
+
+    def _summed_eval_metrics(
+        self, params: Any, model_state: Any, batch: dict[str, Any]
+    ) -> dict[str, spec.Tensor]:
+        """Summed metrics of one padded eval batch on this device or rank."""
+        logits, _ = self.model_fn(
+            params, batch, model_state, spec.ForwardPassMode.EVAL, None, update_batch_norm=False
+        )
+        return self._summed_metrics(logits, batch["targets"], batch["weights"])
+
+    # The few array operations the loss and metrics above need from a framework.
+
+    @abc.abstractmethod
+    def _softmax_cross_entropy(
+        self, labels: spec.Tensor, logits: spec.Tensor, label_smoothing: float
+    ) -> spec.Tensor:
+        """Per-example cross-entropy against integer labels smoothed by ``label_smoothing``."""
+
+    @abc.abstractmethod
+    def _squared_error(self, labels: spec.Tensor, logits: spec.Tensor) -> spec.Tensor:
+        """Per-example squared error, summed over outputs."""
+
+    @abc.abstractmethod
+    def _argmax(self, logits: spec.Tensor) -> spec.Tensor:
+        """The predicted class of each example."""
+
+    @abc.abstractmethod
+    def _cast(self, array: spec.Tensor, dtype: Any) -> spec.Tensor:
+        """``array`` converted to ``dtype``."""
+
+    @abc.abstractmethod
+    def _scalar_like(self, value: float, like: spec.Tensor) -> spec.Tensor:
+        """A 0-d array holding ``value`` with the dtype (and device) of ``like``."""
 
     # ---- evaluation -----------------------------------------------------------
 
@@ -285,38 +391,3 @@ def _cycle(batches: list[dict[str, np.ndarray]], repeat: bool) -> Iterator[dict[
         yield from batches
         if not repeat:
             return
-
-
-class InputQueue:
-    """An iterator of framework batches over numpy batches, converted on demand.
-
-    ``fast_forward(n)`` skips ``n`` batches at the numpy level (no tensors, no
-    device transfers); a resumed run uses it to continue the same stream.
-    ``batches_drawn`` counts every batch taken or skipped.
-    """
-
-    def __init__(
-        self, numpy_batches: Iterator[dict[str, np.ndarray]], convert: Any, limit: int | None
-    ) -> None:
-        self._numpy_batches = numpy_batches
-        self._convert = convert
-        self._limit = limit
-        self.batches_drawn = 0
-
-    def fast_forward(self, num_batches: int) -> None:
-        if isinstance(self._numpy_batches, TrainBatches):
-            self._numpy_batches.fast_forward(num_batches)
-        else:
-            for _ in range(num_batches):
-                next(self._numpy_batches)
-        self.batches_drawn += num_batches
-
-    def __iter__(self) -> InputQueue:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self._limit is not None and self.batches_drawn >= self._limit:
-            raise StopIteration
-        batch = next(self._numpy_batches)
-        self.batches_drawn += 1
-        return self._convert(batch)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from polyak.workloads.common_torch import TorchEmbeddedWorkload
 from polyak.workloads.diabetes import BaseDiabetesWorkload
-from polyak.workloads.torch_common import TorchEmbeddedWorkload
 
 
 class DiabetesWorkload(TorchEmbeddedWorkload, BaseDiabetesWorkload):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from polyak.workloads.common_jax import JaxEmbeddedWorkload
 from polyak.workloads.digits import BaseDigitsWorkload
-from polyak.workloads.jax_common import JaxEmbeddedWorkload
 
 
 class DigitsWorkload(JaxEmbeddedWorkload, BaseDigitsWorkload):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from polyak.workloads.common_torch import TorchEmbeddedWorkload
 from polyak.workloads.digits import BaseDigitsWorkload
-from polyak.workloads.torch_common import TorchEmbeddedWorkload
 
 
 class DigitsWorkload(TorchEmbeddedWorkload, BaseDigitsWorkload):

@@ -1,8 +1,9 @@
-"""The JAX side of the local loop: rng keys, clocks, checkpoints.
+"""The JAX side of the local loop: rng keys, clocks, checkpoint contents.
 
-The loop itself (``loop.py``) is framework-free; it asks a backend for these
-few things. This one never imports torch: rng keys are ``jax.random`` keys,
-as in AlgoPerf's JAX path.
+The loop itself (``loop.py``) is framework-free; it asks a
+:class:`~polyak.workloads.loop.LoopBackend` for these few things. This one
+never imports torch: rng keys are ``jax.random`` keys, as in AlgoPerf's JAX
+path.
 
 Dispatch is asynchronous, so :meth:`JaxLoopBackend.block` waits for every
 array the submission returned before the clock stops; otherwise a step's cost
@@ -17,73 +18,21 @@ leaf's sharding, and keeps the fresh ``update_fn``.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from polyak.workloads.loop import LoopBackend
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose trees do not fit the freshly initialized state."""
 
 
-def _tree_to_numpy(tree: Any) -> dict[str, Any]:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return {
-        "leaves": [np.asarray(jax.device_get(leaf)) for leaf in leaves],
-        "structure": str(treedef),
-    }
-
-
-def _is_committed(array: jax.Array) -> bool:
-    return bool(getattr(array, "committed", getattr(array, "_committed", True)))
-
-
-def _numpy_into_tree(saved: dict[str, Any], fresh: Any, what: str) -> Any:
-    fresh_leaves, treedef = jax.tree_util.tree_flatten(fresh)
-    saved_leaves = saved["leaves"]
-    if len(saved_leaves) != len(fresh_leaves) or saved["structure"] != str(treedef):
-        raise CheckpointMismatchError(
-            f"checkpointed {what} has structure {saved['structure']} with "
-            f"{len(saved_leaves)} leaves; the fresh one has {treedef} with "
-            f"{len(fresh_leaves)} leaves"
-        )
-    restored = []
-    for index, (value, fresh_leaf) in enumerate(zip(saved_leaves, fresh_leaves, strict=True)):
-        fresh_shape = np.shape(fresh_leaf)
-        if value.shape != fresh_shape:
-            raise CheckpointMismatchError(
-                f"checkpointed {what} leaf {index} has shape {value.shape}; expected {fresh_shape}"
-            )
-        if isinstance(fresh_leaf, jax.Array):
-            value = value.astype(fresh_leaf.dtype)
-            # An uncommitted leaf (say a step count made outside jit) must stay
-            # uncommitted, or jit would refuse to mix it with replicated params.
-            if _is_committed(fresh_leaf):
-                restored.append(jax.device_put(value, fresh_leaf.sharding))
-            else:
-                restored.append(jax.device_put(value))
-        elif isinstance(fresh_leaf, np.ndarray):
-            restored.append(value.astype(fresh_leaf.dtype))
-        else:
-            restored.append(type(fresh_leaf)(value.item()))
-    return jax.tree_util.tree_unflatten(treedef, restored)
-
-
-def _split_optimizer_state(optimizer_state: Any) -> tuple[Any, Any]:
-    if not (isinstance(optimizer_state, tuple) and len(optimizer_state) == 2):
-        raise ValueError(
-            "a JAX optimizer_state must be the 2-tuple (pytree, update_fn) that AlgoPerf's "
-            f"checkpointing unpacks; got {type(optimizer_state).__name__}"
-        )
-    return optimizer_state
-
-
-class JaxLoopBackend:
+class JaxLoopBackend(LoopBackend):
     framework = "jax"
 
     def set_cpu_threads(self, num_threads: int | None) -> int:
@@ -130,44 +79,82 @@ class JaxLoopBackend:
 
     # ---- checkpoints -------------------------------------------------------------
 
-    def save_checkpoint(
-        self,
-        path: str,
-        optimizer_state: Any,
-        model_params: Any,
-        model_state: Any,
-        extra: dict[str, Any],
-    ) -> None:
+    def _saved_states(
+        self, optimizer_state: Any, model_params: Any, model_state: Any
+    ) -> dict[str, Any]:
         opt_pytree, _ = _split_optimizer_state(optimizer_state)
-        payload = {
+        return {
             "optimizer_state": _tree_to_numpy(opt_pytree),
             "model_params": _tree_to_numpy(model_params),
             "model_state": _tree_to_numpy(model_state),
-            **extra,
         }
-        directory = os.path.dirname(path) or "."
-        handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".checkpoint.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                pickle.dump(payload, file, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(temp_path, path)
-        except BaseException:
-            if os.path.exists(temp_path):
-                os.unlink(temp_path)
-            raise
 
-    def load_checkpoint(
-        self, path: str, optimizer_state: Any, model_params: Any, model_state: Any
-    ) -> tuple[Any, Any, Any, dict[str, Any]]:
-        with open(path, "rb") as file:
-            payload = pickle.load(file)
+    def _restored_states(
+        self, saved: dict[str, Any], optimizer_state: Any, model_params: Any, model_state: Any
+    ) -> tuple[Any, Any, Any]:
         opt_pytree, update_fn = _split_optimizer_state(optimizer_state)
-        restored_optimizer_state = (
-            _numpy_into_tree(payload.pop("optimizer_state"), opt_pytree, "optimizer_state"),
-            update_fn,
+        return (
+            (_numpy_into_tree(saved["optimizer_state"], opt_pytree, "optimizer_state"), update_fn),
+            _numpy_into_tree(saved["model_params"], model_params, "params"),
+            _numpy_into_tree(saved["model_state"], model_state, "model_state"),
         )
-        restored_params = _numpy_into_tree(payload.pop("model_params"), model_params, "params")
-        restored_model_state = _numpy_into_tree(
-            payload.pop("model_state"), model_state, "model_state"
+
+    def _write(self, payload: dict[str, Any], path: str) -> None:
+        with open(path, "wb") as file:
+            pickle.dump(payload, file, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _read(self, path: str) -> dict[str, Any]:
+        with open(path, "rb") as file:
+            return pickle.load(file)
+
+
+def _split_optimizer_state(optimizer_state: Any) -> tuple[Any, Any]:
+    if not (isinstance(optimizer_state, tuple) and len(optimizer_state) == 2):
+        raise ValueError(
+            "a JAX optimizer_state must be the 2-tuple (pytree, update_fn) that AlgoPerf's "
+            f"checkpointing unpacks; got {type(optimizer_state).__name__}"
         )
-        return restored_optimizer_state, restored_params, restored_model_state, payload
+    return optimizer_state
+
+
+def _tree_to_numpy(tree: Any) -> dict[str, Any]:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return {
+        "leaves": [np.asarray(jax.device_get(leaf)) for leaf in leaves],
+        "structure": str(treedef),
+    }
+
+
+def _numpy_into_tree(saved: dict[str, Any], fresh: Any, what: str) -> Any:
+    fresh_leaves, treedef = jax.tree_util.tree_flatten(fresh)
+    saved_leaves = saved["leaves"]
+    if len(saved_leaves) != len(fresh_leaves) or saved["structure"] != str(treedef):
+        raise CheckpointMismatchError(
+            f"checkpointed {what} has structure {saved['structure']} with "
+            f"{len(saved_leaves)} leaves; the fresh one has {treedef} with "
+            f"{len(fresh_leaves)} leaves"
+        )
+    restored = []
+    for index, (value, fresh_leaf) in enumerate(zip(saved_leaves, fresh_leaves, strict=True)):
+        fresh_shape = np.shape(fresh_leaf)
+        if value.shape != fresh_shape:
+            raise CheckpointMismatchError(
+                f"checkpointed {what} leaf {index} has shape {value.shape}; expected {fresh_shape}"
+            )
+        if isinstance(fresh_leaf, jax.Array):
+            value = value.astype(fresh_leaf.dtype)
+            # An uncommitted leaf (say a step count made outside jit) must stay
+            # uncommitted, or jit would refuse to mix it with replicated params.
+            if _is_committed(fresh_leaf):
+                restored.append(jax.device_put(value, fresh_leaf.sharding))
+            else:
+                restored.append(jax.device_put(value))
+        elif isinstance(fresh_leaf, np.ndarray):
+            restored.append(value.astype(fresh_leaf.dtype))
+        else:
+            restored.append(type(fresh_leaf)(value.item()))
+    return jax.tree_util.tree_unflatten(treedef, restored)
+
+
+def _is_committed(array: jax.Array) -> bool:
+    return bool(getattr(array, "committed", getattr(array, "_committed", True)))

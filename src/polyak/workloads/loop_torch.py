@@ -1,8 +1,9 @@
-"""The PyTorch side of the local loop: rng keys, clocks, checkpoints.
+"""The PyTorch side of the local loop: rng keys, clocks, checkpoint contents.
 
-The loop itself (``loop.py``) is framework-free; it asks a backend for these
-few things. This one never imports jax: rng keys are AlgoPerf-style numpy
-``int32[2]`` keys from :mod:`polyak.workloads.prng`.
+The loop itself (``loop.py``) is framework-free; it asks a
+:class:`~polyak.workloads.loop.LoopBackend` for these few things. This one
+never imports jax: rng keys are AlgoPerf-style numpy ``int32[2]`` keys from
+:mod:`polyak.workloads.prng`.
 
 Checkpoints follow AlgoPerf's ``checkpoint_utils``: the module's
 ``state_dict()`` (unwrapped from DDP / ``torch.compile``), and
@@ -14,8 +15,6 @@ The global torch RNG state is saved too, so a resumed run is bit-identical.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 import warnings
 from typing import Any
@@ -24,15 +23,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from polyak.distributed_torch import rank_and_world, unwrap_module
+from polyak.distributed_torch import is_distributed, rank_and_world, unwrap_module
 from polyak.workloads import prng
+from polyak.workloads.loop import LoopBackend
 
 
-class TorchLoopBackend:
+class TorchLoopBackend(LoopBackend):
     framework = "pytorch"
 
     def set_cpu_threads(self, num_threads: int | None) -> int:
-        """Sets intra-op threads (if given); returns the previous count for restoring."""
         previous = torch.get_num_threads()
         if num_threads is not None:
             torch.set_num_threads(num_threads)
@@ -62,7 +61,7 @@ class TorchLoopBackend:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()
-        if rank_and_world()[1] > 1:
+        if is_distributed():
             # Every rank must take the same budget and eval decisions.
             tensor = torch.tensor([now], dtype=torch.float64)
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -90,14 +89,9 @@ class TorchLoopBackend:
 
     # ---- checkpoints -------------------------------------------------------------
 
-    def save_checkpoint(
-        self,
-        path: str,
-        optimizer_state: Any,
-        model_params: Any,
-        model_state: Any,
-        extra: dict[str, Any],
-    ) -> None:
+    def _saved_states(
+        self, optimizer_state: Any, model_params: Any, model_state: Any
+    ) -> dict[str, Any]:
         optimizer_state_dicts = {}
         for key, value in optimizer_state.items():
             if hasattr(value, "state_dict"):
@@ -106,34 +100,27 @@ class TorchLoopBackend:
                 warnings.warn(
                     f"optimizer_state[{key!r}] of type {type(value).__name__} has no "
                     "state_dict(); it is not checkpointed (as in AlgoPerf)",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-        payload = {
-            "model_params": unwrap_module(model_params).state_dict(),
+        return {
             "optimizer_state": optimizer_state_dicts,
+            "model_params": unwrap_module(model_params).state_dict(),
             "model_state": model_state,
-            **extra,
         }
-        directory = os.path.dirname(path) or "."
-        handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".checkpoint.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(payload, file)
-            os.replace(temp_path, path)
-        except BaseException:
-            if os.path.exists(temp_path):
-                os.unlink(temp_path)
-            raise
 
-    def load_checkpoint(
-        self, path: str, optimizer_state: Any, model_params: Any, model_state: Any
-    ) -> tuple[Any, Any, Any, dict[str, Any]]:
-        del model_state
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        unwrap_module(model_params).load_state_dict(payload.pop("model_params"))
-        saved_optimizer_state = payload.pop("optimizer_state")
+    def _restored_states(
+        self, saved: dict[str, Any], optimizer_state: Any, model_params: Any, model_state: Any
+    ) -> tuple[Any, Any, Any]:
+        del model_state  # the saved one is taken whole
+        # The module first, then the optimizer-state values that refer to its parameters.
+        unwrap_module(model_params).load_state_dict(saved["model_params"])
         for key, value in optimizer_state.items():
-            if key in saved_optimizer_state:
-                value.load_state_dict(saved_optimizer_state[key])
-        restored_model_state = payload.pop("model_state")
-        return optimizer_state, model_params, restored_model_state, payload
+            if key in saved["optimizer_state"]:
+                value.load_state_dict(saved["optimizer_state"][key])
+        return optimizer_state, model_params, saved["model_state"]
+
+    def _write(self, payload: dict[str, Any], path: str) -> None:
+        torch.save(payload, path)
+
+    def _read(self, path: str) -> dict[str, Any]:
+        return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,8 +1,10 @@
 """The JAX (flax linen) twin of the embedded workloads: model, loss, batches, evaluation.
 
 Everything here is shared by ``digits_jax`` and ``diabetes_jax``; those only
-join this class with their dataset base. The PyTorch twin is
-``torch_common``, with the same names in the same order.
+join this class with their dataset base. What needs no framework (the
+``model_fn`` contract, the loss and metric formulas, the eval loop) is in
+``base``. The PyTorch twin is ``common_torch``, with the same names in the
+same order.
 
 - ``init_model_fn(rng)`` returns ``(params, model_state)`` replicated over all
   devices (``NamedSharding(Mesh(jax.devices(), ('batch',)), P())``).
@@ -29,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from polyak.algoperf import spec
-from polyak.workloads.base import EmbeddedWorkload
+from polyak.workloads.base import EmbeddedWorkload, parameter_type
 
 BATCH_AXIS = "batch"
 
@@ -98,17 +100,6 @@ def _init_variables(model: MLP, rng: jax.Array, dummy: jax.Array) -> Any:
     return model.init({"params": rng}, dummy, train=False)
 
 
-def parameter_type(module_name: str, leaf_name: str) -> spec.ParameterType:
-    """AlgoPerf's type for one of our parameters (``bn*`` modules are BatchNorm)."""
-    if module_name.startswith("bn"):
-        return (
-            spec.ParameterType.BATCH_NORM_SCALE
-            if leaf_name == "scale"
-            else spec.ParameterType.BATCH_NORM_BIAS
-        )
-    return spec.ParameterType.WEIGHT if leaf_name == "kernel" else spec.ParameterType.BIAS
-
-
 def _is_literal_zero(rate: Any) -> bool:
     return isinstance(rate, (int, float, np.number)) and float(rate) == 0.0
 
@@ -140,24 +131,20 @@ class JaxEmbeddedWorkload(EmbeddedWorkload):
     def is_output_params(self, param_key: spec.ParameterKey) -> bool:
         return param_key == "output"
 
-    def model_fn(
+    def _forward(
         self,
         params: spec.ParameterContainer,
-        augmented_and_preprocessed_input_batch: dict[str, spec.Tensor],
+        inputs: spec.Tensor,
         model_state: spec.ModelAuxiliaryState,
-        mode: spec.ForwardPassMode,
+        train: bool,
         rng: spec.RandomState,
         update_batch_norm: bool,
-        dropout_rate: float = 0.0,
+        dropout_rate: float,
     ) -> tuple[spec.Tensor, spec.ModelAuxiliaryState]:
-        train = mode == spec.ForwardPassMode.TRAIN
-        if not train and update_batch_norm:
-            raise ValueError("update_batch_norm=True is not allowed in EVAL mode")
         use_dropout = train and not _is_literal_zero(dropout_rate)
         if use_dropout and rng is None:
             raise ValueError("model_fn needs an rng for dropout_rate != 0 in TRAIN mode")
         variables = {"params": params, **(model_state or {})}
-        inputs = augmented_and_preprocessed_input_batch["inputs"]
         call_args = {
             "train": train,
             "dropout_rate": dropout_rate,
@@ -172,69 +159,37 @@ class JaxEmbeddedWorkload(EmbeddedWorkload):
             return logits, model_state
         return self._model.apply(variables, inputs, **call_args), model_state
 
-    # ---- loss and metrics -------------------------------------------------------
+    # ---- array operations for the loss and metrics -----------------------------
 
-    def loss_fn(
-        self,
-        label_batch: spec.Tensor,
-        logits_batch: spec.Tensor,
-        mask_batch: spec.Tensor | None = None,
-        label_smoothing: float = 0.0,
-    ) -> dict[str, spec.Tensor]:
-        """Per-example losses, their (masked) sum and the number of valid examples.
+    def _softmax_cross_entropy(
+        self, labels: jax.Array, logits: jax.Array, label_smoothing: float
+    ) -> jax.Array:
+        num_classes = logits.shape[-1]
+        one_hot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+        smoothed = one_hot * (1.0 - label_smoothing) + label_smoothing / num_classes
+        return -jnp.sum(smoothed * jax.nn.log_softmax(logits), axis=-1)
 
-        Softmax cross-entropy smooths labels as ``(1-α)·onehot + α/K``; mean
-        squared error sums over outputs and ignores ``label_smoothing``.
-        """
-        if self.loss_type == spec.LossType.SOFTMAX_CROSS_ENTROPY:
-            num_classes = logits_batch.shape[-1]
-            one_hot = jax.nn.one_hot(label_batch, num_classes, dtype=logits_batch.dtype)
-            smoothed = one_hot * (1.0 - label_smoothing) + label_smoothing / num_classes
-            per_example = -jnp.sum(smoothed * jax.nn.log_softmax(logits_batch), axis=-1)
-        else:
-            targets = jnp.reshape(label_batch, logits_batch.shape).astype(logits_batch.dtype)
-            per_example = jnp.sum((logits_batch - targets) ** 2, axis=-1)
-        if mask_batch is not None:
-            mask = mask_batch.astype(per_example.dtype)
-            per_example = per_example * mask
-            n_valid = jnp.sum(mask)
-        else:
-            n_valid = jnp.asarray(per_example.shape[0], dtype=per_example.dtype)
-        return {
-            "summed": jnp.sum(per_example),
-            "n_valid_examples": n_valid,
-            "per_example": per_example,
-        }
+    def _squared_error(self, labels: jax.Array, logits: jax.Array) -> jax.Array:
+        targets = jnp.reshape(labels, logits.shape).astype(logits.dtype)
+        return jnp.sum((logits - targets) ** 2, axis=-1)
 
-    def _summed_metrics(
-        self, logits: jax.Array, targets: jax.Array, weights: jax.Array
-    ) -> dict[str, jax.Array]:
-        summed_loss = self.loss_fn(targets, logits, weights)["summed"]
-        if self.loss_type == spec.LossType.SOFTMAX_CROSS_ENTROPY:
-            correct = (jnp.argmax(logits, axis=-1) == targets).astype(weights.dtype)
-            return {"accuracy": jnp.sum(correct * weights), "loss": summed_loss}
-        return {"mse": summed_loss, "loss": summed_loss}
+    def _argmax(self, logits: jax.Array) -> jax.Array:
+        return jnp.argmax(logits, axis=-1)
+
+    def _cast(self, array: jax.Array, dtype: Any) -> jax.Array:
+        return array.astype(dtype)
+
+    def _scalar_like(self, value: float, like: jax.Array) -> jax.Array:
+        return jnp.asarray(value, dtype=like.dtype)
+
+    # ---- evaluation -------------------------------------------------------------
 
     def _eval_batch_sums(
         self, params: Any, batch: dict[str, Any], model_state: Any
     ) -> dict[str, float]:
         if self._jitted_eval_sums is None:
-
-            def summed_eval_metrics(
-                params: Any, model_state: Any, batch: dict[str, Any]
-            ) -> dict[str, jax.Array]:
-                logits, _ = self.model_fn(
-                    params,
-                    batch,
-                    model_state,
-                    spec.ForwardPassMode.EVAL,
-                    None,
-                    update_batch_norm=False,
-                )
-                return self._summed_metrics(logits, batch["targets"], batch["weights"])
-
             self._jitted_eval_sums = jax.jit(
-                summed_eval_metrics, out_shardings=replicated_sharding()
+                self._summed_eval_metrics, out_shardings=replicated_sharding()
             )
         sums = self._jitted_eval_sums(params, model_state, batch)
         return {name: float(value) for name, value in jax.device_get(sums).items()}

@@ -1,8 +1,10 @@
 """The PyTorch twin of the embedded workloads: model, loss, batches, evaluation.
 
 Everything here is shared by ``digits_torch`` and ``diabetes_torch``; those
-only join this class with their dataset base. The jax twin is
-``jax_common``, with the same names in the same order.
+only join this class with their dataset base. What needs no framework (the
+``model_fn`` contract, the loss and metric formulas, the eval loop) is in
+``base``. The jax twin is ``common_jax``, with the same names in the same
+order.
 
 - ``init_model_fn(rng)`` builds a fresh MLP and initializes it from a
   ``torch.Generator`` seeded by :func:`polyak.workloads.prng.torch_seed`, so it
@@ -30,15 +32,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from polyak.algoperf import spec
-from polyak.distributed_torch import rank_and_world
+from polyak.distributed_torch import all_reduce_sum, is_distributed, rank_and_world
 from polyak.workloads import prng
-from polyak.workloads.base import EmbeddedWorkload
+from polyak.workloads.base import EmbeddedWorkload, parameter_type
 
 
 def default_device() -> torch.device:
@@ -109,16 +110,10 @@ class MLP(nn.Module):
         return self.output(x)
 
 
-def parameter_type(name: str) -> spec.ParameterType:
-    """AlgoPerf's type for one of our parameter names (``bn*`` are BatchNorm)."""
-    module, _, leaf = name.rpartition(".")
-    if module.rpartition(".")[2].startswith("bn"):
-        return (
-            spec.ParameterType.BATCH_NORM_SCALE
-            if leaf == "weight"
-            else spec.ParameterType.BATCH_NORM_BIAS
-        )
-    return spec.ParameterType.WEIGHT if leaf == "weight" else spec.ParameterType.BIAS
+def _module_and_leaf(parameter_name: str) -> tuple[str, str]:
+    """``("bn1", "weight")`` for ``"bn1.weight"`` (the innermost module's own name)."""
+    module_path, _, leaf = parameter_name.rpartition(".")
+    return module_path.rpartition(".")[2], leaf
 
 
 @contextlib.contextmanager
@@ -159,10 +154,11 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
         self._param_shapes = {
             name: spec.ShapeTuple(tuple(p.shape)) for name, p in model.named_parameters()
         }
-        self._param_types = {name: parameter_type(name) for name in self._param_shapes}
+        self._param_types = {
+            name: parameter_type(*_module_and_leaf(name)) for name in self._param_shapes
+        }
         model.to(self._device)
-        _, world = rank_and_world()
-        if world > 1:
+        if is_distributed():
             device_ids = [self._device.index] if self._device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
         self._model = model
@@ -178,22 +174,19 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
         seed = prng.torch_seed([*prng.rng_words(rng), rank])
         return torch.Generator(device=self._device).manual_seed(seed)
 
-    def model_fn(
+    def _forward(
         self,
         params: spec.ParameterContainer,
-        augmented_and_preprocessed_input_batch: dict[str, spec.Tensor],
+        inputs: spec.Tensor,
         model_state: spec.ModelAuxiliaryState,
-        mode: spec.ForwardPassMode,
+        train: bool,
         rng: spec.RandomState,
         update_batch_norm: bool,
-        dropout_rate: float = 0.0,
+        dropout_rate: float,
     ) -> tuple[spec.Tensor, spec.ModelAuxiliaryState]:
-        del model_state
+        del model_state  # BatchNorm statistics live in the module
         model = params
-        inputs = augmented_and_preprocessed_input_batch["inputs"]
-        if mode == spec.ForwardPassMode.EVAL:
-            if update_batch_norm:
-                raise ValueError("update_batch_norm=True is not allowed in EVAL mode")
+        if not train:
             model.eval()
             with torch.no_grad():
                 return model(inputs), None
@@ -204,72 +197,38 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
             logits = model(inputs, dropout_rate=dropout_rate, generator=generator)
         return logits, None
 
-    # ---- loss and metrics -------------------------------------------------------
+    # ---- array operations for the loss and metrics -----------------------------
 
-    def loss_fn(
-        self,
-        label_batch: spec.Tensor,
-        logits_batch: spec.Tensor,
-        mask_batch: spec.Tensor | None = None,
-        label_smoothing: float = 0.0,
-    ) -> dict[str, spec.Tensor]:
-        """Per-example losses, their (masked) sum and the number of valid examples.
+    def _softmax_cross_entropy(
+        self, labels: torch.Tensor, logits: torch.Tensor, label_smoothing: float
+    ) -> torch.Tensor:
+        return F.cross_entropy(
+            logits, labels.long(), reduction="none", label_smoothing=float(label_smoothing)
+        )
 
-        Softmax cross-entropy smooths labels as ``(1-α)·onehot + α/K``; mean
-        squared error sums over outputs and ignores ``label_smoothing``.
-        """
-        if self.loss_type == spec.LossType.SOFTMAX_CROSS_ENTROPY:
-            per_example = F.cross_entropy(
-                logits_batch,
-                label_batch.long(),
-                reduction="none",
-                label_smoothing=float(label_smoothing),
-            )
-        else:
-            targets = label_batch.reshape(logits_batch.shape).to(logits_batch.dtype)
-            per_example = ((logits_batch - targets) ** 2).sum(dim=-1)
-        if mask_batch is not None:
-            mask = mask_batch.to(per_example.dtype)
-            per_example = per_example * mask
-            n_valid = mask.sum()
-        else:
-            n_valid = torch.tensor(
-                float(per_example.shape[0]), dtype=per_example.dtype, device=per_example.device
-            )
-        return {
-            "summed": per_example.sum(),
-            "n_valid_examples": n_valid,
-            "per_example": per_example,
-        }
+    def _squared_error(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        targets = labels.reshape(logits.shape).to(logits.dtype)
+        return ((logits - targets) ** 2).sum(dim=-1)
 
-    def _summed_metrics(
-        self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        summed_loss = self.loss_fn(targets, logits, weights)["summed"]
-        if self.loss_type == spec.LossType.SOFTMAX_CROSS_ENTROPY:
-            correct = (logits.argmax(dim=-1) == targets.long()).to(weights.dtype)
-            return {"accuracy": (correct * weights).sum(), "loss": summed_loss}
-        return {"mse": summed_loss, "loss": summed_loss}
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=-1)
+
+    def _cast(self, array: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return array.to(dtype)
+
+    def _scalar_like(self, value: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+    # ---- evaluation -------------------------------------------------------------
 
     def _eval_batch_sums(
         self, params: Any, batch: dict[str, Any], model_state: Any
     ) -> dict[str, float]:
-        logits, _ = self.model_fn(
-            params,
-            batch,
-            model_state,
-            spec.ForwardPassMode.EVAL,
-            None,
-            update_batch_norm=False,
-        )
         with torch.no_grad():
-            sums = self._summed_metrics(logits, batch["targets"], batch["weights"])
+            sums = self._summed_eval_metrics(params, model_state, batch)
             names = sorted(sums)
             stacked = torch.stack([sums[name].to(torch.float64) for name in names])
-            _, world = rank_and_world()
-            if world > 1:
-                dist.all_reduce(stacked)
-        return dict(zip(names, stacked.tolist(), strict=True))
+        return dict(zip(names, all_reduce_sum(stacked).tolist(), strict=True))
 
     # ---- batches ------------------------------------------------------------
 
