@@ -106,9 +106,13 @@ class MetricsLogger:
     def _write(self, is_eval: bool) -> None:
         if self.output_dir is None:
             return
-        atomic_write_text(os.path.join(self.output_dir, MEASUREMENTS_CSV), _csv_text(self.rows))
+        # Rewritten on logged training steps, inside update_params: not fsynced
+        # (submission time); the checkpoints that resume a run are.
+        measurements = os.path.join(self.output_dir, MEASUREMENTS_CSV)
+        atomic_write_text(measurements, _csv_text(self.rows), durable=False)
         if is_eval:
-            atomic_write_text(os.path.join(self.output_dir, EVAL_CSV), _csv_text(self.eval_rows))
+            eval_path = os.path.join(self.output_dir, EVAL_CSV)
+            atomic_write_text(eval_path, _csv_text(self.eval_rows), durable=False)
 
     def finish(self) -> None:
         pass
