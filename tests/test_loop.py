@@ -613,3 +613,31 @@ def test_resumed_run_continues_bit_for_bit(tmp_path, framework):
             len(saved["optimizer_state"]["leaves"])
             == len(__import__("jax").tree_util.tree_leaves(resumed_submission.final_params)) + 1
         )
+
+
+@pytest.mark.parametrize("framework", ["pytorch", "jax"])
+def test_a_truncated_checkpoint_is_named_in_the_error(tmp_path, framework):
+    make_sgd = TorchSGD if framework == "pytorch" else JaxSGD
+    workload = make_workload("diabetes", framework)
+    config = LoopConfig(max_steps=9, eval_every_steps=5, stop_at_target=False, rng_seed=3)
+    with pytest.raises(Crash):
+        run_training(
+            workload,
+            make_sgd(batch_size=32, crash_at=8),
+            HPARAMS,
+            framework=framework,
+            config=config,
+            output_dir=tmp_path,
+        )
+    (checkpoint,) = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoint_")]
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    with pytest.raises(loop.UnreadableCheckpointError, match=str(checkpoint)):
+        run_training(
+            workload,
+            make_sgd(batch_size=32),
+            HPARAMS,
+            framework=framework,
+            config=config,
+            output_dir=tmp_path,
+            resume=True,
+        )

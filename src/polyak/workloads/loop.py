@@ -260,8 +260,15 @@ class LoopBackend(abc.ABC):
         self, path: str, optimizer_state: Any, model_params: Any, model_state: Any
     ) -> tuple[Any, Any, Any, dict[str, Any]]:
         """The states saved at ``path`` poured into fresh ones, and the ``extra`` saved beside."""
-        extra = self._read(path)
-        saved = {key: extra.pop(key) for key in _STATE_KEYS}
+        try:
+            extra = self._read(path)
+            saved = {key: extra.pop(key) for key in _STATE_KEYS}
+        except Exception as error:  # each serializer fails its own way on a damaged file
+            raise UnreadableCheckpointError(
+                f"checkpoint {path} is truncated or unreadable ({type(error).__name__}: "
+                f"{error}); delete it to resume from the previous checkpoint, or start "
+                "the run afresh"
+            ) from error
         restored = self._restored_states(saved, optimizer_state, model_params, model_state)
         return (*restored, extra)
 
@@ -287,6 +294,10 @@ class LoopBackend(abc.ABC):
 
 
 _STATE_KEYS = ("optimizer_state", "model_params", "model_state")
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read back (truncated, corrupted, foreign)."""
 
 
 def _backend_for(framework: str) -> LoopBackend:
