@@ -27,7 +27,7 @@ FORBIDDEN = (
     "polyak.averaging",
     "polyak.algoperf.torch_builder",
     "polyak.algoperf.jax_builder",
-    "polyak.algoperf.defaults",
+    "polyak.algoperf.trial_config",
 )
 
 

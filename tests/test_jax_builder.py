@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from fakes import SGD_DEFAULTS, JaxLinearWorkload, batches, hparams, make_jax_sgd
+from fakes import JaxLinearWorkload, SGDConfig, batches, hparams, make_jax_sgd
 from polyak.algoperf.jax_builder import build_submission
 from polyak.averaging.config import AveragingError
+from polyak.hyperparameters import (
+    STRICT_ENV_VAR,
+    UnknownHyperparameterError,
+    UnknownHyperparameterWarning,
+)
+from polyak.optim.nadamw_config import NadamWConfig, NadamWConfigError
+from polyak.optim.nadamw_jax import make_nadamw
 
-SUBMISSION = build_submission(make_jax_sgd, SGD_DEFAULTS)
+SUBMISSION = build_submission(make_jax_sgd, SGDConfig)
 EVAL_STEPS = {1, 6, 12, 18}
 
 
@@ -130,4 +137,36 @@ def test_self_tuning_and_bad_hyperparameters() -> None:
     with pytest.raises(AveragingError, match="ema_beta=0"):
         SUBMISSION.init_optimizer_state(
             workload, params, model_state, hparams(averaging="ema", ema_beta=0), None
+        )
+
+
+# -- hyperparameters are resolved once, at init ---------------------------------
+
+
+def test_unknown_hyperparameter_names_warn_naming_them(monkeypatch) -> None:
+    workload = JaxLinearWorkload()
+    params, model_state = workload.init_model_fn(0)
+    monkeypatch.delenv(STRICT_ENV_VAR, raising=False)
+    with pytest.warns(UnknownHyperparameterWarning, match=r"\['averagin'\].*'averaging'"):
+        _, programs = SUBMISSION.init_optimizer_state(
+            workload, params, model_state, hparams(averagin="lawa"), None
+        )
+    assert not programs.averaging.enabled  # the misspelled name had no effect
+    monkeypatch.setenv(STRICT_ENV_VAR, "1")
+    with pytest.raises(UnknownHyperparameterError, match="averagin"):
+        SUBMISSION.init_optimizer_state(
+            workload, params, model_state, hparams(averagin="lawa"), None
+        )
+
+
+@pytest.mark.parametrize("learning_rate", [float("inf"), float("nan"), 0.0, -1.0])
+def test_nadamw_refuses_a_learning_rate_that_is_not_finite_and_positive(
+    learning_rate: float,
+) -> None:
+    submission = build_submission(make_nadamw, NadamWConfig)
+    workload = JaxLinearWorkload()
+    params, model_state = workload.init_model_fn(0)
+    with pytest.raises(NadamWConfigError, match=f"learning_rate={learning_rate!r}"):
+        submission.init_optimizer_state(
+            workload, params, model_state, {"learning_rate": learning_rate}, None
         )

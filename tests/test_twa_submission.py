@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fakes import (
-    SGD_DEFAULTS,
     JaxLinearWorkload,
+    SGDConfig,
     TorchLinearWorkload,
     batches,
     hparams,
@@ -27,7 +27,7 @@ from polyak.algoperf.torch_builder import build_submission
 from polyak.averaging.config import AveragingConfig, AveragingError, TWAError
 
 REPO = Path(__file__).resolve().parent.parent
-SUBMISSION = build_submission(make_torch_sgd, SGD_DEFAULTS)
+SUBMISSION = build_submission(make_torch_sgd, SGDConfig)
 EVAL_STEPS = {1, 5, 9, 13, 17}
 TWA = {"averaging": "twa", "averaging_every": 2, "lawa_window": 4, "twa_batches": 3}
 
@@ -193,7 +193,7 @@ def test_twa_restores_the_live_buffers_after_the_eval() -> None:
 def test_jax_builder_rejects_twa() -> None:
     from polyak.algoperf.jax_builder import build_submission as build_jax
 
-    submission = build_jax(make_jax_sgd, SGD_DEFAULTS)
+    submission = build_jax(make_jax_sgd, SGDConfig)
     workload = JaxLinearWorkload()
     params, model_state = workload.init_model_fn(0)
     with pytest.raises(AveragingError, match="PyTorch only"):
@@ -237,10 +237,10 @@ def test_nadamw_with_twa_reaches_the_digits_target() -> None:
     assert spec is not None and spec.loader is not None
     submission = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(submission)
-    from polyak.optim.nadamw_torch import DEFAULT_HYPERPARAMETERS
+    from polyak.optim.nadamw_config import NadamWConfig
 
     hp = types.SimpleNamespace(
-        **DEFAULT_HYPERPARAMETERS,
+        **NadamWConfig.DEFAULT_HYPERPARAMETERS,
         averaging="twa",
         averaging_every=2,
         lawa_window=5,

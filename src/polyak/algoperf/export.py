@@ -84,10 +84,14 @@ class ExportRequest:
         return _FRAMEWORK_MODULE[self.framework]
 
     @property
-    def entry_modules(self) -> tuple[str, str]:
+    def entry_modules(self) -> tuple[str, ...]:
         """The polyak modules the submission file imports."""
         fw = self.framework_module
-        return (f"polyak.algoperf.{fw}_builder", f"polyak.optim.{self.optimizer}_{fw}")
+        return (
+            f"polyak.algoperf.{fw}_builder",
+            f"polyak.optim.{self.optimizer}_{fw}",
+            f"polyak.optim.{self.optimizer}_config",
+        )
 
     @property
     def search_space_file(self) -> Path:
@@ -173,6 +177,7 @@ def source_revision() -> str:
 def _submission_source(request: ExportRequest, revision: str) -> str:
     fw = request.framework_module
     factory = f"make_{request.optimizer}"
+    config = f"{_OPTIMIZER_TITLE[request.optimizer]}Config"
     title = _OPTIMIZER_TITLE[request.optimizer]
     framework = "PyTorch" if request.framework == "pytorch" else "JAX"
     if request.ruleset == "self":
@@ -199,12 +204,10 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from {VENDORED_PACKAGE}.algoperf.{fw}_builder import build_submission  # noqa: E402
-from {VENDORED_PACKAGE}.optim.{request.optimizer}_{fw} import (  # noqa: E402
-    DEFAULT_HYPERPARAMETERS,
-    {factory},
-)
+from {VENDORED_PACKAGE}.optim.{request.optimizer}_config import {config}  # noqa: E402
+from {VENDORED_PACKAGE}.optim.{request.optimizer}_{fw} import {factory}  # noqa: E402
 
-_submission = build_submission({factory}, DEFAULT_HYPERPARAMETERS, {defaults})
+_submission = build_submission({factory}, {config}, {defaults})
 
 init_optimizer_state = _submission.init_optimizer_state
 update_params = _submission.update_params

@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 from polyak.algoperf import spec
 from polyak.algoperf.api import Submission, data_selection, should_log
 from polyak.algoperf.batch_sizes import get_batch_size
-from polyak.algoperf.defaults import resolve_hyperparameters, self_tuning_placement
+from polyak.algoperf.trial_config import OptimizerConfig, TrialConfig, resolve_trial_config
 from polyak.averaging import jax_backend, monitoring
 from polyak.averaging.config import AveragingConfig, AveragingError
 
@@ -61,21 +61,23 @@ class TrainPrograms:
     """
 
     def __init__(
-        self,
-        workload: spec.Workload,
-        tx: optax.GradientTransformation,
-        averaging: AveragingConfig,
-        label_smoothing: float,
-        dropout_rate: float,
-        grad_clip: float | None,
+        self, workload: spec.Workload, tx: optax.GradientTransformation, config: TrialConfig
     ) -> None:
         self.tx = tx
-        self.averaging = averaging
+        self.config = config
+        averaging = self.averaging = config.averaging
+        training = config.training
         mesh = Mesh(jax.devices(), ("batch",))
         replicated = NamedSharding(mesh, P())
         sharded = NamedSharding(mesh, P("batch"))
         step = functools.partial(
-            _train_step, workload, tx, averaging, label_smoothing, dropout_rate, grad_clip
+            _train_step,
+            workload,
+            tx,
+            averaging,
+            training.label_smoothing,
+            training.dropout_rate,
+            training.grad_clip,
         )
         jit_step = functools.partial(
             jax.jit,
@@ -255,17 +257,10 @@ def _swap_in_average(
 
 def build_submission(
     make_optimizer: OptimizerFactory,
-    optimizer_defaults: Mapping[str, Any],
+    optimizer_config: type[OptimizerConfig],
     self_tuning_extra: Mapping[str, Any] | None = None,
 ) -> Submission:
-    """Turns an optax optimizer factory into AlgoPerf's five submission functions."""
-
-    def hyperparameters_of(hyperparameters: Any) -> Any:
-        # Self-tuning keeps the window off the accelerator when there is one
-        # (asked here, not at import, so that importing initializes no backend).
-        accelerated = hyperparameters is None and jax.default_backend() != "cpu"
-        self_tuning = {**self_tuning_placement(accelerated), **(self_tuning_extra or {})}
-        return resolve_hyperparameters(hyperparameters, optimizer_defaults, self_tuning)
+    """Turns an optax optimizer factory and its config type into AlgoPerf's five functions."""
 
     def init_optimizer_state(
         workload: spec.Workload,
@@ -275,22 +270,23 @@ def build_submission(
         rng: Any,
     ) -> tuple[dict[str, Any], TrainPrograms]:
         del rng
-        hp = hyperparameters_of(hyperparameters)
-        averaging = AveragingConfig.from_hyperparameters(hp, workload.step_hint)
+        config = resolve_trial_config(
+            hyperparameters,
+            optimizer_config,
+            workload.step_hint,
+            # Self-tuning keeps the window off the accelerator when there is one
+            # (asked here, not at import, so that importing initializes no backend).
+            accelerator_present=hyperparameters is None and jax.default_backend() != "cpu",
+            self_tuning_extra=self_tuning_extra,
+        )
+        averaging = config.averaging
         if averaging.mode == "twa":
             raise AveragingError(
                 "averaging='twa' (trainable weight averaging) is implemented for PyTorch only; "
                 "use the PyTorch submission, or averaging='lawa' / 'ema' with JAX"
             )
-        tx = make_optimizer(hp, workload.step_hint)
-        programs = TrainPrograms(
-            workload,
-            tx,
-            averaging,
-            label_smoothing=float(getattr(hp, "label_smoothing", 0.0)),
-            dropout_rate=float(getattr(hp, "dropout_rate", 0.0)),
-            grad_clip=getattr(hp, "grad_clip", None),
-        )
+        tx = make_optimizer(config.optimizer, workload.step_hint)
+        programs = TrainPrograms(workload, tx, config)
         # Fresh arrays throughout: AlgoPerf donates the params it hands us.
         shapes = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), model_params)
         tracked = _tracked(averaging, shapes, model_state)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from polyak.hyperparameters import lookup
 
@@ -161,6 +161,24 @@ class AveragingConfig:
     twa_lr: float = DEFAULT_TWA_LR
     twa_layerwise: bool | int = False
     twa_recompute_bn: bool = True
+
+    # Every name :meth:`from_hyperparameters` reads.
+    HYPERPARAMETER_NAMES: ClassVar[frozenset[str]] = frozenset(
+        {
+            "averaging",
+            "averaging_every",
+            "lawa_window",
+            "ema_beta",
+            "averaging_start_frac",
+            "averaging_buffers",
+            "averaging_placement",
+            "twa_steps",
+            "twa_batches",
+            "twa_lr",
+            "twa_layerwise",
+            "twa_recompute_bn",
+        }
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
