@@ -52,8 +52,8 @@ from absl import app, flags, logging
 from torch import nn
 
 from polyak.algoperf.torch_builder import build_submission
+from polyak.averaging.averager_torch import TorchAverager
 from polyak.averaging.config import AveragingConfig
-from polyak.averaging.torch_backend import TorchAverager
 from polyak.optim.nadamw_config import NadamWConfig
 from polyak.optim.nadamw_torch import make_nadamw
 

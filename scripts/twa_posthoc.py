@@ -35,7 +35,7 @@ from absl import app, flags
 
 from polyak.algoperf import spec
 from polyak.algoperf.batch_sizes import get_batch_size
-from polyak.averaging.twa import TWAConfig, TWAResult, fit_twa
+from polyak.averaging.twa_torch import TWAConfig, TWAResult, fit_twa
 from polyak.files import atomic_write_bytes
 from polyak.workloads import prng
 from polyak.workloads.registry import EMBEDDED_WORKLOADS, make_workload

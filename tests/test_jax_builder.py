@@ -133,7 +133,7 @@ def test_self_tuning_and_bad_hyperparameters() -> None:
     workload = JaxLinearWorkload()
     params, model_state = workload.init_model_fn(0)
     _, programs = SUBMISSION.init_optimizer_state(workload, params, model_state, None, None)
-    assert programs.averaging.mode == "lawa"
+    assert programs.averager.config.mode == "lawa"
     with pytest.raises(AveragingError, match="ema_beta=0"):
         SUBMISSION.init_optimizer_state(
             workload, params, model_state, hparams(averaging="ema", ema_beta=0), None
@@ -151,7 +151,7 @@ def test_unknown_hyperparameter_names_warn_naming_them(monkeypatch) -> None:
         _, programs = SUBMISSION.init_optimizer_state(
             workload, params, model_state, hparams(averagin="lawa"), None
         )
-    assert not programs.averaging.enabled  # the misspelled name had no effect
+    assert not programs.averager.config.enabled  # the misspelled name had no effect
     monkeypatch.setenv(STRICT_ENV_VAR, "1")
     with pytest.raises(UnknownHyperparameterError, match="averagin"):
         SUBMISSION.init_optimizer_state(

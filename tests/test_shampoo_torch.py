@@ -248,7 +248,8 @@ def _nadamw(params, lr):
         "weight_decay": 0.0,
         "warmup_factor": 0.0,
     }
-    optimizer, _ = make_nadamw(params, NadamWConfig(**hp), 10**9)  # constant rate: no scheduler steps
+    # A constant rate: no scheduler steps.
+    optimizer, _ = make_nadamw(params, NadamWConfig(**hp), 10**9)
     return optimizer
 
 

@@ -4,7 +4,6 @@ at least as good as LAWA on its batches, exact resume, JAX rejection, and end to
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 import json
 import types
@@ -64,8 +63,8 @@ def test_twa_values_are_type_checked_whatever_the_mode() -> None:
         _init(hparams(averaging="lawa", twa_batches=0))
     # Valid ones are harmless for other modes, and the config round-trips for resume.
     config = AveragingConfig.from_hyperparameters(hparams(**TWA, twa_steps=7.0), 40)
-    assert config.twa_steps == 7 and isinstance(config.twa_steps, int)
-    assert AveragingConfig(**dataclasses.asdict(config)) == config
+    assert config.twa.steps == 7 and isinstance(config.twa.steps, int)
+    assert AveragingConfig.from_dict(config.to_dict()) == config
 
 
 def _train(hp, steps: int = 20, evals: set[int] = EVAL_STEPS):

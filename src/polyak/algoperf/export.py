@@ -27,12 +27,12 @@ from pathlib import Path
 import yaml
 
 import polyak
+from polyak.averaging.config import MODES, TORCH_ONLY_MODES
 
 OPTIMIZERS: tuple[str, ...] = ("nadamw", "shampoo")
 FRAMEWORKS: tuple[str, ...] = ("pytorch", "jax")
-AVERAGING_MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
-# Trainable weight averaging exists only in the PyTorch averager.
-PYTORCH_ONLY_AVERAGING: tuple[str, ...] = ("twa",)
+AVERAGING_MODES: tuple[str, ...] = MODES
+PYTORCH_ONLY_AVERAGING: tuple[str, ...] = TORCH_ONLY_MODES
 RULESETS: tuple[str, ...] = ("external", "self")
 
 VENDORED_PACKAGE = "polyak_vendored"
