@@ -51,7 +51,7 @@ import torch
 from absl import app, flags, logging
 from torch import nn
 
-from polyak.algoperf.torch_builder import build_submission
+from polyak.algoperf.builder_torch import build_submission
 from polyak.averaging.averager_torch import TorchAverager
 from polyak.averaging.config import AveragingConfig
 from polyak.optim.nadamw_config import NadamWConfig

@@ -25,8 +25,8 @@ STEPS = 4
 FORBIDDEN = (
     "polyak.optim",
     "polyak.averaging",
-    "polyak.algoperf.torch_builder",
-    "polyak.algoperf.jax_builder",
+    "polyak.algoperf.builder_torch",
+    "polyak.algoperf.builder_jax",
     "polyak.algoperf.trial_config",
 )
 

@@ -29,7 +29,7 @@ from fakes import (
     make_jax_sgd,
     make_torch_sgd,
 )
-from polyak.algoperf import jax_builder, torch_builder
+from polyak.algoperf import builder_jax, builder_torch
 from polyak.algoperf.trial_config import self_tuning_placement
 from polyak.averaging import footprint, lawa_ema_jax, lawa_ema_torch, metrics, placements_jax
 from polyak.averaging.averager_torch import TorchAverager
@@ -259,12 +259,12 @@ def test_builders_fail_at_init_when_the_window_does_not_fit(
 ) -> None:
     monkeypatch.setattr(footprint, "available_host_bytes", lambda: 10)
     hp = hparams(averaging="lawa", lawa_window=20, averaging_placement="host")
-    submission = torch_builder.build_submission(make_torch_sgd, SGDConfig)
+    submission = builder_torch.build_submission(make_torch_sgd, SGDConfig)
     workload = TorchLinearWorkload()
     model, _ = workload.init_model_fn(0)
     with pytest.raises(AveragingMemoryError, match="host memory"):
         submission.init_optimizer_state(workload, model, None, hp, None)
-    jax_submission = jax_builder.build_submission(make_jax_sgd, SGDConfig)
+    jax_submission = builder_jax.build_submission(make_jax_sgd, SGDConfig)
     jax_workload = JaxLinearWorkload()
     params, model_state = jax_workload.init_model_fn(0)
     with pytest.raises(AveragingMemoryError, match="cpu device memory"):
@@ -283,7 +283,7 @@ class _Logger:
 
 
 def _torch_builder_run(hp, steps: int = 14, evals=(5, 9)):
-    submission = torch_builder.build_submission(make_torch_sgd, SGDConfig)
+    submission = builder_torch.build_submission(make_torch_sgd, SGDConfig)
     workload = TorchLinearWorkload()
     workload.metrics_logger = _Logger()
     model, model_state = workload.init_model_fn(0)
@@ -322,7 +322,7 @@ def test_self_tuning_uses_host_placement_when_cuda_is_present(
 ) -> None:
     assert self_tuning_placement(False) == {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    submission = torch_builder.build_submission(make_torch_sgd, SGDConfig)
+    submission = builder_torch.build_submission(make_torch_sgd, SGDConfig)
     workload = TorchLinearWorkload()
     model, _ = workload.init_model_fn(0)
     state = submission.init_optimizer_state(workload, model, None, None, None)
@@ -335,7 +335,7 @@ def test_self_tuning_uses_host_placement_when_cuda_is_present(
 def test_jax_self_tuning_uses_host_placement_with_an_accelerator(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    submission = jax_builder.build_submission(make_jax_sgd, SGDConfig)
+    submission = builder_jax.build_submission(make_jax_sgd, SGDConfig)
     workload = JaxLinearWorkload()
     params, model_state = workload.init_model_fn(0)
     _, programs = submission.init_optimizer_state(workload, params, model_state, None, None)
@@ -354,7 +354,7 @@ def _np(tree):
 
 
 def _jax_builder_run(hp, steps: int = 14, evals=(1, 5, 9)):
-    submission = jax_builder.build_submission(make_jax_sgd, SGDConfig)
+    submission = builder_jax.build_submission(make_jax_sgd, SGDConfig)
     workload = JaxLinearWorkload()
     workload.metrics_logger = _Logger()
     params, model_state = workload.init_model_fn(0)
@@ -410,7 +410,7 @@ def test_jax_host_placement_survives_a_checkpoint_round_trip() -> None:
     from flax import serialization
 
     hp = hparams(averaging="lawa", averaging_every=1, lawa_window=3, averaging_placement="host")
-    submission = jax_builder.build_submission(make_jax_sgd, SGDConfig)
+    submission = builder_jax.build_submission(make_jax_sgd, SGDConfig)
     workload = JaxLinearWorkload()
     data = batches(1, 12)
     rng = jax.random.PRNGKey(1)

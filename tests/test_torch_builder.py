@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from fakes import SGD_DEFAULTS, SGDConfig, TorchLinearWorkload, batches, hparams, make_torch_sgd
-from polyak.algoperf.torch_builder import build_submission
+from polyak.algoperf.builder_torch import build_submission
 from polyak.averaging.config import AveragingError
 from polyak.hyperparameters import (
     STRICT_ENV_VAR,
     UnknownHyperparameterError,
     UnknownHyperparameterWarning,
 )
-from polyak.optim.nadamw_config import NadamWConfig, NadamWConfigError
+from polyak.optim.nadamw_config import NadamWConfig
 from polyak.optim.nadamw_torch import make_nadamw
+from polyak.optim.shampoo_config import ShampooConfig
+from polyak.optim.shampoo_torch import make_shampoo
 
 SUBMISSION = build_submission(make_torch_sgd, SGDConfig)
 EVAL_STEPS = {1, 6, 12, 18}
@@ -176,13 +178,18 @@ def test_known_names_do_not_warn(recwarn) -> None:
 
 
 @pytest.mark.parametrize("learning_rate", [float("inf"), float("nan"), 0.0, -1.0])
-def test_nadamw_refuses_a_learning_rate_that_is_not_finite_and_positive(
-    learning_rate: float,
+@pytest.mark.parametrize("optimizer", ["nadamw", "shampoo"])
+def test_a_learning_rate_that_is_not_finite_and_positive_is_refused(
+    optimizer: str, learning_rate: float
 ) -> None:
-    submission = build_submission(make_nadamw, NadamWConfig)
+    make, config_type = {
+        "nadamw": (make_nadamw, NadamWConfig),
+        "shampoo": (make_shampoo, ShampooConfig),
+    }[optimizer]
+    submission = build_submission(make, config_type)
     workload = TorchLinearWorkload()
     model, model_state = workload.init_model_fn(0)
-    with pytest.raises(NadamWConfigError, match=f"learning_rate={learning_rate!r}"):
+    with pytest.raises(ValueError, match=f"learning_rate={learning_rate!r}"):
         submission.init_optimizer_state(
             workload, model, model_state, {"learning_rate": learning_rate}, None
         )

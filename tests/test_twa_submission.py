@@ -21,8 +21,8 @@ from fakes import (
     make_jax_sgd,
     make_torch_sgd,
 )
+from polyak.algoperf.builder_torch import build_submission
 from polyak.algoperf.export import ExportError, ExportRequest
-from polyak.algoperf.torch_builder import build_submission
 from polyak.averaging.config import AveragingConfig, AveragingError, TWAError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,7 +190,7 @@ def test_twa_restores_the_live_buffers_after_the_eval() -> None:
 
 
 def test_jax_builder_rejects_twa() -> None:
-    from polyak.algoperf.jax_builder import build_submission as build_jax
+    from polyak.algoperf.builder_jax import build_submission as build_jax
 
     submission = build_jax(make_jax_sgd, SGDConfig)
     workload = JaxLinearWorkload()

@@ -88,7 +88,7 @@ class ExportRequest:
         """The polyak modules the submission file imports."""
         fw = self.framework_module
         return (
-            f"polyak.algoperf.{fw}_builder",
+            f"polyak.algoperf.builder_{fw}",
             f"polyak.optim.{self.optimizer}_{fw}",
             f"polyak.optim.{self.optimizer}_config",
         )
@@ -122,7 +122,7 @@ def _polyak_imports(path: Path) -> set[str]:
                 continue
             found.add(node.module)
             for alias in node.names:
-                # `from polyak.averaging import jax_backend` names a module.
+                # `from polyak.averaging import lawa_ema_jax` names a module.
                 sub = f"{node.module}.{alias.name}"
                 if (PACKAGE_ROOT / Path(*sub.split(".")[1:])).with_suffix(".py").exists():
                     found.add(sub)
@@ -203,7 +203,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from {VENDORED_PACKAGE}.algoperf.{fw}_builder import build_submission  # noqa: E402
+from {VENDORED_PACKAGE}.algoperf.builder_{fw} import build_submission  # noqa: E402
 from {VENDORED_PACKAGE}.optim.{request.optimizer}_config import {config}  # noqa: E402
 from {VENDORED_PACKAGE}.optim.{request.optimizer}_{fw} import {factory}  # noqa: E402
 

@@ -119,6 +119,11 @@ class TorchAverager:
     def swapped(self) -> bool:
         return self._swapped
 
+    @property
+    def placement(self) -> placements_torch.Store | None:
+        """Where the state lives (None when averaging is off or nothing is tracked)."""
+        return self._store
+
     def metrics(self) -> dict[str, float]:
         """Counters and mean timings for the training log; never waits."""
         return {

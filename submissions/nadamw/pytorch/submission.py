@@ -4,7 +4,7 @@ The averaging is chosen by the hyperparameters (`averaging`, `averaging_every`,
 `lawa_window`, `ema_beta`, ...); see tuning_search_spaces/nadamw*.json.
 """
 
-from polyak.algoperf.torch_builder import build_submission
+from polyak.algoperf.builder_torch import build_submission
 from polyak.optim.nadamw_config import NadamWConfig
 from polyak.optim.nadamw_torch import make_nadamw
 

@@ -4,7 +4,7 @@ The averaging is chosen by the hyperparameters (`averaging`, `averaging_every`,
 `lawa_window`, `ema_beta`, ...); see tuning_search_spaces/shampoo*.json.
 """
 
-from polyak.algoperf.torch_builder import build_submission
+from polyak.algoperf.builder_torch import build_submission
 from polyak.optim.shampoo_config import ShampooConfig
 from polyak.optim.shampoo_torch import make_shampoo
 

@@ -21,8 +21,8 @@ import torch
 from absl import logging
 
 from polyak.algoperf import spec
-from polyak.algoperf.api import Submission, data_selection, should_log
 from polyak.algoperf.batch_sizes import get_batch_size
+from polyak.algoperf.submission_api import Submission, data_selection, should_log
 from polyak.algoperf.trial_config import OptimizerConfig, TrialConfig, resolve_trial_config
 from polyak.averaging.averager_torch import TorchAverager, TWAFitContext
 from polyak.distributed_torch import is_distributed

@@ -1,6 +1,6 @@
 """Builds AlgoPerf's five submission functions for JAX.
 
-The twin of ``torch_builder``. It follows AlgoPerf v0.6's JAX conventions:
+The twin of ``builder_torch``. It follows AlgoPerf v0.6's JAX conventions:
 one ``jax.jit`` program per kind of step, with params and state replicated,
 the batch sharded along its first axis, and params and state donated.
 
@@ -31,8 +31,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from polyak.algoperf import spec
-from polyak.algoperf.api import Submission, data_selection, should_log
 from polyak.algoperf.batch_sizes import get_batch_size
+from polyak.algoperf.submission_api import Submission, data_selection, should_log
 from polyak.algoperf.trial_config import (
     OptimizerConfig,
     TrainingConfig,
