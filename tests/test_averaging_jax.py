@@ -105,3 +105,21 @@ def test_matches_torch_twin(mode: str) -> None:
     np.testing.assert_allclose(
         torch_avg[1].numpy(), np.asarray(jax_avg["bias"]), rtol=1e-6, atol=1e-6
     )
+
+
+def test_the_averagers_share_their_public_shape() -> None:
+    """A reader who knows one averager finds the same names in the other."""
+    pytest.importorskip("torch")
+    from polyak.averaging.averager_jax import JaxAverager
+    from polyak.averaging.averager_torch import TorchAverager
+
+    shared = {"config", "collect", "swap_in_average", "restore_live", "metrics", "placement"}
+    mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    jax_averager = JaxAverager(AveragingConfig(mode="lawa"), replicated)
+    import torch
+
+    torch_averager = TorchAverager(AveragingConfig(mode="lawa"), torch.nn.Linear(2, 2))
+    for name in shared:
+        assert hasattr(jax_averager, name), name
+        assert hasattr(torch_averager, name), name
