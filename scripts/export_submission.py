@@ -14,7 +14,6 @@ from pathlib import Path
 from absl import app, flags
 
 from polyak.algoperf.export import (
-    AVERAGING_MODES,
     FRAMEWORKS,
     OPTIMIZERS,
     RULESETS,
@@ -22,10 +21,11 @@ from polyak.algoperf.export import (
     ExportRequest,
     export_submission,
 )
+from polyak.averaging.config import MODES
 
 flags.DEFINE_string("optimizer", "nadamw", f"One of {OPTIMIZERS}.")
 flags.DEFINE_string("framework", "pytorch", f"One of {FRAMEWORKS}.")
-flags.DEFINE_string("averaging", "lawa", f"One of {AVERAGING_MODES}.")
+flags.DEFINE_string("averaging", "lawa", f"One of {MODES}.")
 flags.DEFINE_string("ruleset", "external", f"One of {RULESETS}.")
 flags.DEFINE_string(
     "name", None, "Folder name in the leaderboard repository (lowercase, no spaces)."

@@ -31,8 +31,6 @@ from polyak.averaging.config import MODES, TORCH_ONLY_MODES
 
 OPTIMIZERS: tuple[str, ...] = ("nadamw", "shampoo")
 FRAMEWORKS: tuple[str, ...] = ("pytorch", "jax")
-AVERAGING_MODES: tuple[str, ...] = MODES
-PYTORCH_ONLY_AVERAGING: tuple[str, ...] = TORCH_ONLY_MODES
 RULESETS: tuple[str, ...] = ("external", "self")
 
 VENDORED_PACKAGE = "polyak_vendored"
@@ -67,12 +65,12 @@ class ExportRequest:
         for field, value, choices in (
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("framework", self.framework, FRAMEWORKS),
-            ("averaging", self.averaging, AVERAGING_MODES),
+            ("averaging", self.averaging, MODES),
             ("ruleset", self.ruleset, RULESETS),
         ):
             if value not in choices:
                 raise ExportError(f"--{field}={value!r} is unknown; expected one of {choices}")
-        if self.averaging in PYTORCH_ONLY_AVERAGING and self.framework != "pytorch":
+        if self.averaging in TORCH_ONLY_MODES and self.framework != "pytorch":
             raise ExportError(
                 f"--averaging={self.averaging!r} is implemented for PyTorch only; "
                 f"use --framework=pytorch, not {self.framework!r}"

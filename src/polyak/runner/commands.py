@@ -36,6 +36,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from polyak.averaging.config import MODES, TORCH_ONLY_MODES
 from polyak.runner.errors import (
     LaunchConfigError,
     RunnerError,
@@ -53,9 +54,6 @@ from polyak.runner.workload_table import (
 LAUNCHERS: tuple[str, ...] = ("python", "torchrun", "docker")
 SUBMISSION_NAMES: tuple[str, ...] = ("nadamw", "shampoo")
 TUNING_RULESETS: tuple[str, ...] = ("external", "self")
-AVERAGING_MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
-# Trainable weight averaging exists only in the PyTorch averager.
-PYTORCH_ONLY_AVERAGING: tuple[str, ...] = ("twa",)
 RUNNER_MODULE = "submission_runner"
 # The leaderboard's rules: 3 studies per workload; 5 trials per study under external
 # tuning, 1 under self-tuning (AlgoPerf's scoring/utils/run_workloads.py defaults).
@@ -151,11 +149,11 @@ class RunSettings:
                 f"experiment_name={self.experiment_name!r}; expected a relative, non-empty name"
             )
         if self.averaging is not None:
-            if self.averaging not in AVERAGING_MODES:
+            if self.averaging not in MODES:
                 raise LaunchConfigError(
-                    f"averaging={self.averaging!r}; expected one of {', '.join(AVERAGING_MODES)}"
+                    f"averaging={self.averaging!r}; expected one of {', '.join(MODES)}"
                 )
-            if self.averaging in PYTORCH_ONLY_AVERAGING and self.framework != "pytorch":
+            if self.averaging in TORCH_ONLY_MODES and self.framework != "pytorch":
                 raise LaunchConfigError(
                     f"averaging={self.averaging!r} is implemented for PyTorch only, and "
                     f"framework={self.framework!r} would run nothing; use --framework=pytorch"
