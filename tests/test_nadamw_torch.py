@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polyak.optim import nadamw_torch
+from polyak.optim import nadamw_torch_compiled
 from polyak.optim.nadamw_torch import DEFAULT_HYPERPARAMETERS, NAdamW, make_nadamw
 
 SHAPES: list[tuple[int, ...]] = [(4, 3), (7,), (2, 3, 5), (1,), (3, 2, 2, 2)]
@@ -128,8 +128,10 @@ def assert_close_to(
 
 def use_eager_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs the fused path's kernel uncompiled: its math, without paying for a compile."""
-    monkeypatch.setattr(nadamw_torch, "_KERNEL_STATUS", {})
-    monkeypatch.setattr(nadamw_torch, "_compiled_kernel", lambda: nadamw_torch._nadamw_kernel)
+    monkeypatch.setattr(nadamw_torch_compiled, "_KERNEL_STATUS", {})
+    monkeypatch.setattr(
+        nadamw_torch_compiled, "_compiled_kernel", lambda: nadamw_torch_compiled._nadamw_kernel
+    )
 
 
 @pytest.fixture
@@ -141,9 +143,11 @@ def compiled_kernel_or_skip() -> None:
     """Compiles the real kernel for CPU float32 (once per process) or skips."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        works = nadamw_torch._kernel_works(torch.device("cpu"), torch.float32, requested=True)
+        works = nadamw_torch_compiled._kernel_works(
+            torch.device("cpu"), torch.float32, requested=True
+        )
     if not works:
-        reason = nadamw_torch._KERNEL_STATUS[("cpu", torch.float32)]
+        reason = nadamw_torch_compiled._KERNEL_STATUS[("cpu", torch.float32)]
         pytest.skip(f"torch.compile unavailable here: {reason}")
 
 
@@ -256,7 +260,7 @@ def _model_like_shapes() -> list[tuple[int, ...]]:
     # More tensors than one compiled bucket holds, so a full and a padded bucket run;
     # a size-1 tensor and a channels_last one take the foreach and permuted routes.
     shapes = [(5, 3), (3,), (2, 3, 4), (9,), (1,), (2, 3, 2, 2)] * 4
-    assert len(shapes) > nadamw_torch.COMPILED_BUCKET_SIZE
+    assert len(shapes) > nadamw_torch_compiled.COMPILED_BUCKET_SIZE
     return shapes
 
 
@@ -286,13 +290,13 @@ def test_foreach_and_single_tensor_agree() -> None:
 def test_compiled_path_agrees_with_foreach_and_single(monkeypatch: pytest.MonkeyPatch) -> None:
     compiled_kernel_or_skip()
     calls = []
-    original = nadamw_torch._run_compiled_buckets
+    original = nadamw_torch_compiled._run_compiled_buckets
 
     def counting(*args, **kwargs):
         calls.append(len(args[0]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(nadamw_torch, "_run_compiled_buckets", counting)
+    monkeypatch.setattr(nadamw_torch_compiled, "_run_compiled_buckets", counting)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no silent fallback
         fused, optimizer = _train("fused", torch.float32, num_steps=25)
@@ -350,8 +354,8 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPat
     def broken_compile():
         raise RuntimeError("no C++ compiler in this test")
 
-    monkeypatch.setattr(nadamw_torch, "_KERNEL_STATUS", {})
-    monkeypatch.setattr(nadamw_torch, "_compiled_kernel", broken_compile)
+    monkeypatch.setattr(nadamw_torch_compiled, "_KERNEL_STATUS", {})
+    monkeypatch.setattr(nadamw_torch_compiled, "_compiled_kernel", broken_compile)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as record:
         fused, _ = _train("fused", torch.float64, num_steps=5)
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
@@ -364,7 +368,7 @@ def test_compile_disabled_is_quiet_unless_fused_was_asked_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(torch._dynamo.config, "disable", True)
-    monkeypatch.setattr(nadamw_torch, "_WARNED", set())
+    monkeypatch.setattr(nadamw_torch_compiled, "_WARNED", set())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         auto, _ = _train("auto", torch.float64, num_steps=3)
@@ -380,8 +384,8 @@ def test_wrong_kernel_is_rejected_by_the_self_check(monkeypatch: pytest.MonkeyPa
     def lazy_kernel(params, grads, exp_avgs, exp_avg_sqs, coefficients):
         del params, grads, exp_avgs, exp_avg_sqs, coefficients  # updates nothing
 
-    monkeypatch.setattr(nadamw_torch, "_KERNEL_STATUS", {})
-    monkeypatch.setattr(nadamw_torch, "_compiled_kernel", lambda: lazy_kernel)
+    monkeypatch.setattr(nadamw_torch_compiled, "_KERNEL_STATUS", {})
+    monkeypatch.setattr(nadamw_torch_compiled, "_compiled_kernel", lambda: lazy_kernel)
     with pytest.warns(RuntimeWarning, match="differs from the float64 reference"):
         fused, _ = _train("fused", torch.float64, num_steps=3)
     foreach, _ = _train("foreach", torch.float64, num_steps=3)
@@ -397,10 +401,10 @@ def test_failure_part_way_finishes_with_foreach(monkeypatch: pytest.MonkeyPatch)
         calls["count"] += 1
         if calls["count"] == 3:  # call 1 is the self-check; 2 and 3 the first step
             raise RuntimeError("recompile failed")
-        return nadamw_torch._nadamw_kernel(*args)
+        return nadamw_torch_compiled._nadamw_kernel(*args)
 
-    monkeypatch.setattr(nadamw_torch, "_KERNEL_STATUS", {})
-    monkeypatch.setattr(nadamw_torch, "_compiled_kernel", lambda: fails_on_second_call)
+    monkeypatch.setattr(nadamw_torch_compiled, "_KERNEL_STATUS", {})
+    monkeypatch.setattr(nadamw_torch_compiled, "_compiled_kernel", lambda: fails_on_second_call)
     with pytest.warns(RuntimeWarning, match="recompile failed"):
         fused, optimizer = _train("fused", torch.float64, num_steps=3, channels_last=False)
     foreach, _ = _train("foreach", torch.float64, num_steps=3, channels_last=False)
