@@ -347,6 +347,96 @@ def test_params_without_grad_are_left_alone() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# The default compiles once the steps taken would have paid for the compile.
+
+
+def pay_back_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Makes the default switch to the compiled kernel at ``step`` for the test model."""
+    numel = sum(math.prod(shape) for shape in _model_like_shapes())
+    monkeypatch.setitem(nadamw_torch_compiled.PAYBACK_ELEMENT_STEPS, "cpu", float(step * numel))
+
+
+def record_compiled_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The step counts at which the model's tensors went through the kernel."""
+    model_tensors = sum(1 for shape in _model_like_shapes() if math.prod(shape) > 1)
+    steps: list[int] = []
+    original = nadamw_torch_compiled._run_compiled_buckets
+
+    def recording(flat, flat_steps, **kwargs):
+        if len(flat) == model_tensors:  # not the self-check's tiny problem
+            steps.append(int(flat_steps[0].item()) + 1)
+        return original(flat, flat_steps, **kwargs)
+
+    monkeypatch.setattr(nadamw_torch_compiled, "_run_compiled_buckets", recording)
+    return steps
+
+
+def test_first_compiled_step_is_where_foreach_time_equals_compile_time() -> None:
+    payback = nadamw_torch_compiled.PAYBACK_ELEMENT_STEPS["cpu"]
+    for numel in (1, 1000, 10**6, 15 * 10**6, 10**9, 10**13):
+        first = nadamw_torch_compiled.first_compiled_step("cpu", numel)
+        assert first is not None and first >= 1
+        assert first * numel >= payback or first == 1
+        assert (first - 1) * numel < payback
+    assert nadamw_torch_compiled.first_compiled_step("mps", 10**9) is None
+    assert nadamw_torch_compiled.first_compiled_step("cpu", 0) is None
+
+
+def test_default_does_not_compile_a_small_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_compile():
+        raise AssertionError("the default compiled a model too small to pay back")
+
+    monkeypatch.setattr(nadamw_torch_compiled, "_KERNEL_STATUS", {})
+    monkeypatch.setattr(nadamw_torch_compiled, "_compiled_kernel", no_compile)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto, _ = _train("auto", torch.float32, num_steps=20)
+    foreach, _ = _train("foreach", torch.float32, num_steps=20)
+    for a, b in zip(auto, foreach):
+        assert torch.equal(a, b)
+
+
+def test_default_switches_at_the_payback_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_eager_kernel(monkeypatch)
+    pay_back_at(monkeypatch, 4)
+    compiled_steps = record_compiled_steps(monkeypatch)
+    auto, optimizer = _train("auto", torch.float64, num_steps=8)
+    assert compiled_steps == [4, 5, 6, 7, 8]
+    foreach, _ = _train("foreach", torch.float64, num_steps=8)
+    for a, b in zip(auto, foreach):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert all(optimizer.state[p]["step"].item() == 8 for p in auto)
+
+
+def test_switch_to_the_compiled_kernel_stays_within_the_paths_tolerance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compiled_kernel_or_skip()
+    pay_back_at(monkeypatch, 10)
+    compiled_steps = record_compiled_steps(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        switched, _ = _train("auto", torch.float32, num_steps=25)
+    assert compiled_steps == list(range(10, 26))
+    foreach, _ = _train("foreach", torch.float32, num_steps=25)
+    fused, _ = _train("fused", torch.float32, num_steps=25)
+    for s, e, f in zip(switched, foreach, fused):
+        torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s, f, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("switch_step", [5, 15])  # before and after the checkpoint at 12
+def test_resume_across_the_switch_is_exact(
+    monkeypatch: pytest.MonkeyPatch, switch_step: int
+) -> None:
+    use_eager_kernel(monkeypatch)
+    pay_back_at(monkeypatch, switch_step)
+    compiled_steps = record_compiled_steps(monkeypatch)
+    _round_trip_equals_uninterrupted("auto", torch.float64)
+    assert min(compiled_steps) == switch_step
+
+
+# ---------------------------------------------------------------------------------------
 # Falling back from the compiled path.
 
 

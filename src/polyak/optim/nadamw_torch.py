@@ -105,11 +105,13 @@ class NAdamW(torch.optim.Optimizer):
         eps: added to √v̂.
         weight_decay: decoupled, multiplied by the current ``lr``.
         foreach: use ``torch._foreach_*`` kernels (default when not fused).
-        fused: use the ``torch.compile``-d one-pass kernel. ``None`` (default) uses it
-            unless ``foreach`` is given, where inductor runs (CPU, CUDA, XPU) and
-            ``torch.compile`` is not disabled, and quietly uses foreach elsewhere.
-            ``True`` warns once where it cannot be used. A kernel that fails to compile
-            or to match the reference falls back to foreach with one warning.
+        fused: use the ``torch.compile``-d one-pass kernel from the first step
+            (``True``), never (``False``), or, with ``None`` (default) and ``foreach``
+            not given, once the steps taken would have paid for the compile, where
+            inductor runs (CPU, CUDA, XPU) and ``torch.compile`` is not disabled
+            (:mod:`polyak.optim.nadamw_torch_compiled` explains the rule). ``True``
+            warns once where it cannot be used. A kernel that fails to compile or to
+            match the reference falls back to foreach with one warning.
 
     State per parameter: ``step`` (a float32 scalar tensor on CPU, exact up to 2**24
     steps; every path reads it on the host, so a GPU step never waits for the device),

@@ -7,6 +7,29 @@ takes flat 1-D aliases of up to ``COMPILED_BUCKET_SIZE`` tensors per call, so on
 with dynamic sizes serves any model. The kernel is compiled once per (device type,
 dtype) on first use, checked against a float64 reference on a tiny problem, and
 replaced by the foreach path with a single warning if either step fails.
+
+When to compile. AlgoPerf counts the compile as submission time, at the first step of
+every process and of every resume: 25-79 s per process in AlgoPerf's harness, while
+its own NAdamW baseline takes 0.61 s for that step. On 14.8M parameters (120 tensors,
+one thread, a loaded 2-core CPU; medians of 3 fresh processes, cold inductor cache),
+the first step took 0.9 s with foreach and 111 s compiled, and later steps 0.48 s and
+0.06 s (``scripts/bench_nadamw_torch_startup.py``). The compile pays back, but only
+after a few hundred steps of that size, and never for a small model or a short run.
+
+So ``fused=None`` (the default) rents before it buys: a (device, dtype) group of n
+elements runs foreach until its step count reaches ``C/(s·n)`` (``PAYBACK_ELEMENT_STEPS``
+= C/s, the compile time over the time saved per element-step), and compiles then. By
+then the extra foreach time equals the compile time, so the whole run never costs
+more than twice the better of "compile at step 1" and "never compile", whatever its
+length, and the first step is a foreach step. The switch depends on the step counts in
+the optimizer state, not on the clock, so a run, its resumption and every DDP rank
+switch at the same step and trajectories reproduce; a run resumed past that step
+compiles at its first step (a persistent ``TORCHINDUCTOR_CACHE_DIR`` makes it cheaper).
+The switch moves the trajectory by what separates foreach from the kernel (float32
+rounding: the tests hold both paths to 1e-5 of each other). A background compile was
+tried and dropped: the compiling thread held the GIL through most of its foreach
+steps, and the main thread recompiled the kernel anyway (its guards differ).
+``fused=True`` compiles at the first step; ``foreach=True`` never compiles.
 """
 
 from __future__ import annotations
@@ -42,6 +65,20 @@ _PARALLEL_MIN_BUCKET_NUMEL = COMPILED_BUCKET_SIZE * 32768
 
 # Device types on which ``fused=None`` tries the compiled kernel (inductor backends).
 _COMPILE_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu"})
+
+# When the default (``fused=None``) compiles, per device type: the one-off compile time C
+# over the time s the kernel saves per element and step, in element-steps. A group of n
+# elements runs foreach until its step count reaches C/(s·n), then compiles: the steps
+# taken by then would have paid for the compile (see the module docstring).
+PAYBACK_ELEMENT_STEPS: dict[str, float] = {
+    # Measured with scripts/bench_nadamw_torch_startup.py (14.8M parameters, 1 thread,
+    # cold cache, on a loaded 2-core machine): C = 113 s, s·n = 0.42 s a step.
+    "cpu": 4e9,
+    # Estimated, not measured here: C = 25-79 s per process (AlgoPerf's harness on
+    # GPUs), and s = 80 bytes of memory traffic saved per element at about 1.5 TB/s.
+    "cuda": 1e12,
+    "xpu": 1e12,
+}
 
 
 def _nadamw_kernel(
@@ -378,6 +415,24 @@ def _warn_fallback(device: torch.device, dtype: torch.dtype, reason: str) -> Non
     )
 
 
+def first_compiled_step(device_type: str, numel: int) -> int | None:
+    """The step (1-based) from which ``fused=None`` compiles a group of ``numel`` elements.
+
+    None where the default never compiles (no inductor backend for the device type).
+    """
+    payback = PAYBACK_ELEMENT_STEPS.get(device_type)
+    if payback is None or numel < 1:
+        return None
+    return max(1, math.ceil(payback / numel))
+
+
+def _compile_has_paid_back(device: torch.device, params: list[Tensor], steps: list[Tensor]) -> bool:
+    # A function of the step counts in the optimizer state, not of the clock: runs,
+    # resumed runs and DDP ranks switch at the same step, so trajectories reproduce.
+    first = first_compiled_step(device.type, sum(param.numel() for param in params))
+    return first is not None and max(step.item() for step in steps) + 1 >= first
+
+
 def fused_nadamw(
     params: list[Tensor],
     grads: list[Tensor],
@@ -393,6 +448,11 @@ def fused_nadamw(
     flat_cache: FlatCache | None = None,
     requested: bool = True,
 ) -> None:
+    """NAdamW through the compiled kernel, foreach for what it cannot take.
+
+    ``requested`` (``fused=True``) compiles at once and warns where it cannot;
+    otherwise a group compiles from :func:`first_compiled_step` on, quietly.
+    """
     if flat_cache is None:
         flat_cache = {}
     hyper = {"beta1": beta1, "beta2": beta2, "lr": lr, "weight_decay": weight_decay, "eps": eps}
@@ -402,6 +462,9 @@ def fused_nadamw(
         return
     grouped = _group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     for (device, dtype), lists in grouped.items():
+        if not requested and not _compile_has_paid_back(device, lists[0], lists[4]):
+            _multi_tensor_nadamw(*lists, **hyper)
+            continue
         if not _kernel_works(device, dtype, requested=requested):
             _multi_tensor_nadamw(*lists, **hyper)
             continue
