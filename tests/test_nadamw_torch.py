@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polyak.optim import nadamw_torch
+from polyak.optim import nadamw_torch_compiled
 from polyak.optim.nadamw_config import NadamWConfig
 from polyak.optim.nadamw_torch import NAdamW, make_nadamw
 
@@ -131,8 +131,10 @@ def assert_close_to(
 
 def use_eager_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs the fused path's kernel uncompiled: its math, without paying for a compile."""
-    monkeypatch.setattr(nadamw_torch, "_KERNEL_STATUS", {})
-    monkeypatch.setattr(nadamw_torch, "_compiled_kernel", lambda: nadamw_torch._nadamw_kernel)
+    monkeypatch.setattr(nadamw_torch_compiled, "_KERNEL_STATUS", {})
+    monkeypatch.setattr(
+        nadamw_torch_compiled, "_compiled_kernel", lambda: nadamw_torch_compiled._nadamw_kernel
+    )
 
 
 @pytest.fixture
@@ -144,9 +146,11 @@ def compiled_kernel_or_skip() -> None:
     """Compiles the real kernel for CPU float32 (once per process) or skips."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        works = nadamw_torch._kernel_works(torch.device("cpu"), torch.float32, requested=True)
+        works = nadamw_torch_compiled._kernel_works(
+            torch.device("cpu"), torch.float32, requested=True
+        )
     if not works:
-        reason = nadamw_torch._KERNEL_STATUS[("cpu", torch.float32)]
+        reason = nadamw_torch_compiled._KERNEL_STATUS[("cpu", torch.float32)]
         pytest.skip(f"torch.compile unavailable here: {reason}")
 
 
@@ -263,7 +267,7 @@ def _model_like_shapes() -> list[tuple[int, ...]]:
     # More tensors than one compiled bucket holds, so a full and a padded bucket run;
     # a size-1 tensor and a channels_last one take the foreach and permuted routes.
     shapes = [(5, 3), (3,), (2, 3, 4), (9,), (1,), (2, 3, 2, 2)] * 4
-    assert len(shapes) > nadamw_torch.COMPILED_BUCKET_SIZE
+    assert len(shapes) > nadamw_torch_compiled.COMPILED_BUCKET_SIZE
     return shapes
 
 
@@ -293,13 +297,13 @@ def test_foreach_and_single_tensor_agree() -> None:
 def test_compiled_path_agrees_with_foreach_and_single(monkeypatch: pytest.MonkeyPatch) -> None:
     compiled_kernel_or_skip()
     calls = []
-    original = nadamw_torch._run_compiled_buckets
+    original = nadamw_torch_compiled._run_compiled_buckets
 
     def counting(*args, **kwargs):
         calls.append(len(args[0]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(nadamw_torch, "_run_compiled_buckets", counting)
+    monkeypatch.setattr(nadamw_torch_compiled, "_run_compiled_buckets", counting)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no silent fallback
         fused, optimizer = _train("fused", torch.float32, num_steps=25)
@@ -350,6 +354,96 @@ def test_params_without_grad_are_left_alone() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# The default compiles once the steps taken would have paid for the compile.
+
+
+def pay_back_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Makes the default switch to the compiled kernel at ``step`` for the test model."""
+    numel = sum(math.prod(shape) for shape in _model_like_shapes())
+    monkeypatch.setitem(nadamw_torch_compiled.PAYBACK_ELEMENT_STEPS, "cpu", float(step * numel))
+
+
+def record_compiled_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The step counts at which the model's tensors went through the kernel."""
+    model_tensors = sum(1 for shape in _model_like_shapes() if math.prod(shape) > 1)
+    steps: list[int] = []
+    original = nadamw_torch_compiled._run_compiled_buckets
+
+    def recording(flat, flat_steps, **kwargs):
+        if len(flat) == model_tensors:  # not the self-check's tiny problem
+            steps.append(int(flat_steps[0].item()) + 1)
+        return original(flat, flat_steps, **kwargs)
+
+    monkeypatch.setattr(nadamw_torch_compiled, "_run_compiled_buckets", recording)
+    return steps
+
+
+def test_first_compiled_step_is_where_foreach_time_equals_compile_time() -> None:
+    payback = nadamw_torch_compiled.PAYBACK_ELEMENT_STEPS["cpu"]
+    for numel in (1, 1000, 10**6, 15 * 10**6, 10**9, 10**13):
+        first = nadamw_torch_compiled.first_compiled_step("cpu", numel)
+        assert first is not None and first >= 1
+        assert first * numel >= payback or first == 1
+        assert (first - 1) * numel < payback
+    assert nadamw_torch_compiled.first_compiled_step("mps", 10**9) is None
+    assert nadamw_torch_compiled.first_compiled_step("cpu", 0) is None
+
+
+def test_default_does_not_compile_a_small_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_compile():
+        raise AssertionError("the default compiled a model too small to pay back")
+
+    monkeypatch.setattr(nadamw_torch_compiled, "_KERNEL_STATUS", {})
+    monkeypatch.setattr(nadamw_torch_compiled, "_compiled_kernel", no_compile)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto, _ = _train("auto", torch.float32, num_steps=20)
+    foreach, _ = _train("foreach", torch.float32, num_steps=20)
+    for a, b in zip(auto, foreach):
+        assert torch.equal(a, b)
+
+
+def test_default_switches_at_the_payback_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_eager_kernel(monkeypatch)
+    pay_back_at(monkeypatch, 4)
+    compiled_steps = record_compiled_steps(monkeypatch)
+    auto, optimizer = _train("auto", torch.float64, num_steps=8)
+    assert compiled_steps == [4, 5, 6, 7, 8]
+    foreach, _ = _train("foreach", torch.float64, num_steps=8)
+    for a, b in zip(auto, foreach):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert all(optimizer.state[p]["step"].item() == 8 for p in auto)
+
+
+def test_switch_to_the_compiled_kernel_stays_within_the_paths_tolerance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compiled_kernel_or_skip()
+    pay_back_at(monkeypatch, 10)
+    compiled_steps = record_compiled_steps(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        switched, _ = _train("auto", torch.float32, num_steps=25)
+    assert compiled_steps == list(range(10, 26))
+    foreach, _ = _train("foreach", torch.float32, num_steps=25)
+    fused, _ = _train("fused", torch.float32, num_steps=25)
+    for s, e, f in zip(switched, foreach, fused):
+        torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s, f, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("switch_step", [5, 15])  # before and after the checkpoint at 12
+def test_resume_across_the_switch_is_exact(
+    monkeypatch: pytest.MonkeyPatch, switch_step: int
+) -> None:
+    use_eager_kernel(monkeypatch)
+    pay_back_at(monkeypatch, switch_step)
+    compiled_steps = record_compiled_steps(monkeypatch)
+    _round_trip_equals_uninterrupted("auto", torch.float64)
+    assert min(compiled_steps) == switch_step
+
+
+# ---------------------------------------------------------------------------------------
 # Falling back from the compiled path.
 
 
@@ -357,8 +451,8 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPat
     def broken_compile():
         raise RuntimeError("no C++ compiler in this test")
 
-    monkeypatch.setattr(nadamw_torch, "_KERNEL_STATUS", {})
-    monkeypatch.setattr(nadamw_torch, "_compiled_kernel", broken_compile)
+    monkeypatch.setattr(nadamw_torch_compiled, "_KERNEL_STATUS", {})
+    monkeypatch.setattr(nadamw_torch_compiled, "_compiled_kernel", broken_compile)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as record:
         fused, _ = _train("fused", torch.float64, num_steps=5)
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
@@ -371,7 +465,7 @@ def test_compile_disabled_is_quiet_unless_fused_was_asked_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(torch._dynamo.config, "disable", True)
-    monkeypatch.setattr(nadamw_torch, "_WARNED", set())
+    monkeypatch.setattr(nadamw_torch_compiled, "_WARNED", set())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         auto, _ = _train("auto", torch.float64, num_steps=3)
@@ -387,8 +481,8 @@ def test_wrong_kernel_is_rejected_by_the_self_check(monkeypatch: pytest.MonkeyPa
     def lazy_kernel(params, grads, exp_avgs, exp_avg_sqs, coefficients):
         del params, grads, exp_avgs, exp_avg_sqs, coefficients  # updates nothing
 
-    monkeypatch.setattr(nadamw_torch, "_KERNEL_STATUS", {})
-    monkeypatch.setattr(nadamw_torch, "_compiled_kernel", lambda: lazy_kernel)
+    monkeypatch.setattr(nadamw_torch_compiled, "_KERNEL_STATUS", {})
+    monkeypatch.setattr(nadamw_torch_compiled, "_compiled_kernel", lambda: lazy_kernel)
     with pytest.warns(RuntimeWarning, match="differs from the float64 reference"):
         fused, _ = _train("fused", torch.float64, num_steps=3)
     foreach, _ = _train("foreach", torch.float64, num_steps=3)
@@ -404,10 +498,10 @@ def test_failure_part_way_finishes_with_foreach(monkeypatch: pytest.MonkeyPatch)
         calls["count"] += 1
         if calls["count"] == 3:  # call 1 is the self-check; 2 and 3 the first step
             raise RuntimeError("recompile failed")
-        return nadamw_torch._nadamw_kernel(*args)
+        return nadamw_torch_compiled._nadamw_kernel(*args)
 
-    monkeypatch.setattr(nadamw_torch, "_KERNEL_STATUS", {})
-    monkeypatch.setattr(nadamw_torch, "_compiled_kernel", lambda: fails_on_second_call)
+    monkeypatch.setattr(nadamw_torch_compiled, "_KERNEL_STATUS", {})
+    monkeypatch.setattr(nadamw_torch_compiled, "_compiled_kernel", lambda: fails_on_second_call)
     with pytest.warns(RuntimeWarning, match="recompile failed"):
         fused, optimizer = _train("fused", torch.float64, num_steps=3, channels_last=False)
     foreach, _ = _train("foreach", torch.float64, num_steps=3, channels_last=False)

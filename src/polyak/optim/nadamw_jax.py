@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from polyak.optim.bias_correction_jax import bias_correction
 from polyak.optim.nadamw_config import EPSILON, NadamWConfig
 from polyak.optim.schedules import warmup_steps_for
 
@@ -59,8 +60,8 @@ def scale_by_nadam(
         mu = jax.tree.map(lambda g, m: b1 * m + (1.0 - b1) * g, updates, state.mu)
         nu = jax.tree.map(lambda g, v: b2 * v + (1.0 - b2) * g * g, updates, state.nu)
         count = state.count + jnp.array(1, jnp.int32)
-        first_correction = _one_minus_power(b1, count)
-        second_correction = _one_minus_power(b2, count)
+        first_correction = bias_correction(b1, count)
+        second_correction = bias_correction(b2, count)
 
         def direction(g: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
             m_hat = (b1 * m + (1.0 - b1) * g) / first_correction.astype(m.dtype)
@@ -126,19 +127,6 @@ def make_nadamw(config: NadamWConfig, step_hint: int) -> optax.GradientTransform
         eps=config.epsilon,
         weight_decay=config.weight_decay,
     )
-
-
-def _one_minus_power(beta: float, count: jax.Array) -> jax.Array:
-    """1 − βᵗ, accurate to float rounding even for β close to 1.
-
-    Rounding β to float32 moves 1 − β by up to 3e-5 relative for β near 0.999
-    (1.3e-5 for β = 0.999 or 0.998), so ``1 − β**t`` in float32 could move the
-    update by 1.5e-5, more than the 1e-5 that our torch and jax twins agree to.
-    ``−expm1(t·log β)``, with log β taken in float64 on the host, is exact to
-    float32 rounding.
-    """
-    log_beta = math.log(beta) if beta > 0.0 else -math.inf
-    return -jnp.expm1(count * log_beta)
 
 
 def _scale_by_negative_learning_rate(

@@ -31,7 +31,11 @@ def warmup_cosine_multiplier(count: int, warmup_steps: int, step_hint: int) -> f
 
 
 def constant_multiplier(count: int, warmup_steps: int, step_hint: int) -> float:
-    """Warmup, then a constant rate (for studies of averaging without decay)."""
+    """Warmup, then a constant rate: torch Shampoo's schedule when ``use_cosine_decay`` is False.
+
+    That switch comes from the AlgoPerf v0.5 Shampoo submission's search space; the
+    averaging study also sets it to compare averaging with and without decay.
+    """
     del step_hint
     if count < warmup_steps:
         return count / warmup_steps

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from polyak.optim.bias_correction_jax import bias_correction
 from polyak.optim.nadamw_jax import warmup_cosine_schedule
 from polyak.optim.schedules import warmup_steps_for
 from polyak.optim.shampoo_blocking import ParameterPlan, plan_parameter
@@ -264,13 +265,6 @@ def _precondition(block: jax.Array, roots: Sequence[jax.Array]) -> jax.Array:
     return result
 
 
-def _one_minus_power(beta: float, count: jax.Array) -> jax.Array:
-    """1 − βᵗ in float32, accurate to rounding even for β close to 1 (torch: float64 on host)."""
-    if beta <= 0.0:
-        return jnp.ones([], jnp.float32)
-    return -jnp.expm1(count.astype(jnp.float32) * math.log(beta))
-
-
 def _norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(x)))
 
@@ -375,7 +369,7 @@ def _filtered_gradients(
     else:
         filtered = averages
     if config.use_bias_correction:
-        correction = _one_minus_power(beta1, count)
+        correction = bias_correction(beta1, count, jnp.float32)
         filtered = [f / correction.astype(f.dtype) for f in filtered]
     return jax.tree.unflatten(treedef, averages), filtered
 
@@ -396,7 +390,9 @@ def _grafted_directions(
         beta2 * v + (1.0 - beta2) * g * g
         for g, v in zip(grads, treedef.flatten_up_to(exp_avg_sq), strict=True)
     ]
-    correction = jnp.sqrt(_one_minus_power(beta2, count)) if config.use_bias_correction else None
+    correction = (
+        jnp.sqrt(bias_correction(beta2, count, jnp.float32)) if config.use_bias_correction else None
+    )
     grafted = []
     for f, v in zip(filtered, second_moments, strict=True):
         denominator = jnp.sqrt(v)
@@ -479,7 +475,7 @@ def _update_roots(
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
     """Recomputes every root, one vmapped eigh per group; failures keep the old root."""
     if config.use_bias_correction and config.beta2 < 1.0:
-        correction = _one_minus_power(config.beta2, count)
+        correction = bias_correction(config.beta2, count, jnp.float32)
     else:
         correction = jnp.ones([], jnp.float32)
     new_roots, new_ok = {}, {}
