@@ -120,6 +120,7 @@ def main() -> None:
         f"{'warm' if args.warm_cache else 'cold'} inductor cache, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
+    # The default's later steps include its compile when the run reaches the switch.
     print(f"{'variant':<10}  {'first step s':>12}  {'later steps ms':>14}  {'whole run s':>11}")
     for name in variants:
         runs = results[name]

@@ -17,7 +17,9 @@ Layout follows ``torch/optim/adamw.py``: :class:`NAdamW` only gathers state, and
 :func:`nadamw` hands it to :func:`_single_tensor_nadamw`, :func:`_multi_tensor_nadamw`
 (``torch._foreach_*``, grouped by device and dtype) or the fused path, a
 ``torch.compile``-d one-pass kernel that lives in
-:mod:`polyak.optim.nadamw_torch_compiled`.
+:mod:`polyak.optim.nadamw_torch_compiled`. By default a run takes foreach steps until
+they have cost as much as the compile would, then compiles (that module says why), so
+no process pays for a compile at its first step.
 
 :func:`make_nadamw` builds the optimizer and AlgoPerf's warmup + cosine schedule from a
 :class:`~polyak.optim.nadamw_config.NadamWConfig`.
@@ -239,8 +241,9 @@ def nadamw(
 ) -> None:
     """Functional NAdamW: updates ``params``, the moments and the step counts in place.
 
-    ``state_steps`` are float32 scalar tensors on CPU. ``flat_cache`` (fused path only)
-    lets a caller keep the kernel's flat views of params and moments between steps.
+    ``state_steps`` are float32 scalar tensors on CPU. ``fused`` and ``foreach`` choose
+    the path as in :class:`NAdamW`. ``flat_cache`` (fused path only) lets a caller keep
+    the kernel's flat views of params and moments between steps.
     """
     if not all(isinstance(step, Tensor) for step in state_steps):
         raise TypeError("NAdamW: state_steps must be scalar tensors")

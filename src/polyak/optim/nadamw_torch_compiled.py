@@ -9,26 +9,40 @@ dtype) on first use, checked against a float64 reference on a tiny problem, and
 replaced by the foreach path with a single warning if either step fails.
 
 When to compile. AlgoPerf counts the compile as submission time, at the first step of
-every process and of every resume: 25-79 s per process in AlgoPerf's harness, while
-its own NAdamW baseline takes 0.61 s for that step. On 14.8M parameters (120 tensors,
-one thread, a loaded 2-core CPU; medians of 3 fresh processes, cold inductor cache),
-the first step took 0.9 s with foreach and 111 s compiled, and later steps 0.48 s and
-0.06 s (``scripts/bench_nadamw_torch_startup.py``). The compile pays back, but only
-after a few hundred steps of that size, and never for a small model or a short run.
+every process and of every resume: 25-79 s per process in AlgoPerf's harness, while its
+own NAdamW baseline takes 0.61 s for that step. ``scripts/bench_nadamw_torch_startup.py``
+on 14.8M parameters (120 tensors, one thread, a 2-core CPU shared with other jobs,
+medians of 3 fresh processes, cold inductor cache) saw:
+
+    load  steps  variant   first step  later steps  whole run
+      7     50   foreach      0.7 s      289 ms        15 s
+      7     50   default      0.7 s      474 ms        24 s   (foreach here; load noise)
+      7     50   compiled    95 s         65 ms        98 s
+      8    400   foreach      0.4 s      104 ms        42 s
+      8    400   default      0.3 s   (compiles at 271)    106 s
+      8    400   compiled    37 s         28 ms        48 s
+
+(the default then switched at C/(s·n) = 4e9/n = step 271; with 5e9 now, step 338), and
+with a warm cache a compiled first step of 7.9 s (foreach: 0.3 s). The compile pays
+back, but only after a few hundred steps at that size (37 s / 76 ms = 490 steps), and
+never for a small model or a short run.
 
 So ``fused=None`` (the default) rents before it buys: a (device, dtype) group of n
 elements runs foreach until its step count reaches ``C/(s·n)`` (``PAYBACK_ELEMENT_STEPS``
 = C/s, the compile time over the time saved per element-step), and compiles then. By
-then the extra foreach time equals the compile time, so the whole run never costs
-more than twice the better of "compile at step 1" and "never compile", whatever its
-length, and the first step is a foreach step. The switch depends on the step counts in
-the optimizer state, not on the clock, so a run, its resumption and every DDP rank
-switch at the same step and trajectories reproduce; a run resumed past that step
-compiles at its first step (a persistent ``TORCHINDUCTOR_CACHE_DIR`` makes it cheaper).
-The switch moves the trajectory by what separates foreach from the kernel (float32
-rounding: the tests hold both paths to 1e-5 of each other). A background compile was
-tried and dropped: the compiling thread held the GIL through most of its foreach
-steps, and the main thread recompiled the kernel anyway (its guards differ).
+then the extra foreach time equals the compile time, so the whole run never costs more
+than twice the better of "compile at step 1" and "never compile", whatever its length
+(400 steps, just past the switch, is about the worst case), and the first step is a
+foreach step. The switch depends on the step counts in the optimizer state, not on the
+clock, so a run, its resumption and every DDP rank switch at the same step and
+trajectories reproduce; a run resumed past that step compiles at its first step (a
+persistent ``TORCHINDUCTOR_CACHE_DIR`` cuts that to the warm figure). The switch moves
+the trajectory by what separates foreach from the kernel: after 40 float32 steps on the
+model above, switching at step 20 was 2.7e-5 (relative to the parameters'
+displacement) from foreach only, and compiled only was 3.7e-5 from it; the tests hold the paths to
+1e-5 of each other elementwise. A compile in a background thread was tried and dropped:
+while it ran (load 10), foreach steps took 18 s instead of 0.5 s (the GIL and the
+cores are shared), and the main thread's first call recompiled the kernel (19 s).
 ``fused=True`` compiles at the first step; ``foreach=True`` never compiles.
 """
 
@@ -71,9 +85,9 @@ _COMPILE_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu"})
 # elements runs foreach until its step count reaches C/(s·n), then compiles: the steps
 # taken by then would have paid for the compile (see the module docstring).
 PAYBACK_ELEMENT_STEPS: dict[str, float] = {
-    # Measured with scripts/bench_nadamw_torch_startup.py (14.8M parameters, 1 thread,
-    # cold cache, on a loaded 2-core machine): C = 113 s, s·n = 0.42 s a step.
-    "cpu": 4e9,
+    # Measured (module docstring): C = 37 s and s·n = 76 ms at n = 14.8M (7e9) at load 8,
+    # C = 110 s and s·n = 0.42 s (4e9) at load 10.
+    "cpu": 5e9,
     # Estimated, not measured here: C = 25-79 s per process (AlgoPerf's harness on
     # GPUs), and s = 80 bytes of memory traffic saved per element at about 1.5 TB/s.
     "cuda": 1e12,
