@@ -3,8 +3,8 @@
 Modules, one concept each:
 
 - ``errors``: the error types (each names the bad value and what was expected).
-- ``atomic``: every file the runner writes is written atomically.
-- ``workload_table``: the eight AlgoPerf workloads (targets, budgets, step hints).
+- ``workload_table``: AlgoPerf's workloads from the installed algoperf (v0.6's eight as the
+  fallback): targets, budgets, step hints.
 - ``search_space``: validating and reading tuning search-space files.
 - ``commands``: exact command lines for ``submission_runner`` (python, torchrun, docker).
 - ``completion``: what a finished trial is, and the markers that record it.
@@ -19,6 +19,9 @@ Modules, one concept each:
 - ``study``: the averaging study (a package: plan, records, analysis, prose, plots, page, run).
 - ``submission_loader``: importing a submission file by path, as AlgoPerf does.
 - ``smoke``: a few steps of each real AlgoPerf workload on synthetic batches.
+- ``docker_entry``: the container's entry point (AlgoPerf's ``startup.sh`` flags, and polyak's).
+
+Files are written atomically through :mod:`polyak.files`.
 
 Nothing in polyak imports this package; it sits on top of everything else.
 """
