@@ -413,9 +413,10 @@ def _setup(analysis: StudyAnalysis) -> list[str]:
         "target (a miss of the averaged run counts as infinity, of the raw run as 0; seeds where "
         "both miss are left out).",
         "- One unrecorded warm-up run per optimizer, framework and workload absorbs the "
-        "process's one-time costs (imports, XLA's start-up) before the first recorded run. JAX still compiles its step programs in "
-        "every run and that time counts (as in AlgoPerf); averaging adds programs (collect, "
-        "swap), so at this scale JAX submission times carry a start-up cost that steps do not.",
+        "process's one-time costs (imports, XLA's start-up) before the first recorded run. "
+        "JAX still compiles its step programs in every run and that time counts (as in "
+        "AlgoPerf); averaging adds programs (collect, swap), so at this scale JAX "
+        "submission times carry a start-up cost that steps do not.",
         "- *ms per step*: submission milliseconds per step from the 2nd eval to the last "
         "(steady state: without the one-time compilation of the first step, collection and "
         "swap), median over seeds; it includes the averaging's collections and swaps.",
