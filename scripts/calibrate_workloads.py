@@ -189,7 +189,15 @@ def _versions() -> dict[str, Any]:
             versions[package] = None
     versions["polyak_commit"] = _git("rev-parse", "HEAD")
     # Uncommitted changes to the code mean the commit alone does not reproduce the record.
-    changes = _git("status", "--porcelain", "--untracked-files=no", "--", "src", "submissions")
+    changes = _git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        "src",
+        "submissions",
+        ":(exclude)src/polyak/workloads/calibration/*.json",  # the records being written
+    )
     versions["polyak_uncommitted_changes"] = None if changes is None else bool(changes)
     return versions
 
