@@ -7,4 +7,4 @@ from polyak.workloads.diabetes import BaseDiabetesWorkload
 
 
 class DiabetesWorkload(JaxEmbeddedWorkload, BaseDiabetesWorkload):
-    """AlgoPerf Workload for ``diabetes`` on JAX (model in ``jax_common.MLP``)."""
+    """AlgoPerf Workload for ``diabetes`` on JAX (model in ``common_jax.MLP``)."""

@@ -7,4 +7,4 @@ from polyak.workloads.diabetes import BaseDiabetesWorkload
 
 
 class DiabetesWorkload(TorchEmbeddedWorkload, BaseDiabetesWorkload):
-    """AlgoPerf Workload for ``diabetes`` on PyTorch (model in ``torch_common.MLP``)."""
+    """AlgoPerf Workload for ``diabetes`` on PyTorch (model in ``common_torch.MLP``)."""

@@ -7,4 +7,4 @@ from polyak.workloads.digits import BaseDigitsWorkload
 
 
 class DigitsWorkload(JaxEmbeddedWorkload, BaseDigitsWorkload):
-    """AlgoPerf Workload for ``digits`` on JAX (model in ``jax_common.MLP``)."""
+    """AlgoPerf Workload for ``digits`` on JAX (model in ``common_jax.MLP``)."""

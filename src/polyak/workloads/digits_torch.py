@@ -7,4 +7,4 @@ from polyak.workloads.digits import BaseDigitsWorkload
 
 
 class DigitsWorkload(TorchEmbeddedWorkload, BaseDigitsWorkload):
-    """AlgoPerf Workload for ``digits`` on PyTorch (model in ``torch_common.MLP``)."""
+    """AlgoPerf Workload for ``digits`` on PyTorch (model in ``common_torch.MLP``)."""

@@ -4,7 +4,7 @@ The PyTorch twin is ``textlm_torch``, with the same parameter names
 (``params['block0']['qkv']`` here is ``block0.qkv`` there; a flax ``kernel``
 is the transpose of a torch ``weight``), the same initial distribution and
 the same math, so one set of weights gives the same loss in both.
-``dropout_rate`` may be traced, as in ``jax_common``: dropout never branches
+``dropout_rate`` may be traced, as in ``common_jax``: dropout never branches
 on its value in Python.
 """
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polyak.algoperf import spec
-from polyak.workloads.jax_common import JaxEmbeddedWorkload, replicated_sharding
+from polyak.workloads.common_jax import JaxEmbeddedWorkload, replicated_sharding
 from polyak.workloads.textlm import BaseTextLMWorkload
 
 INIT_STDDEV = 0.02

@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from polyak.algoperf import spec
 from polyak.distributed_torch import rank_and_world
 from polyak.workloads import prng
+from polyak.workloads.common_torch import TorchEmbeddedWorkload
 from polyak.workloads.textlm import BaseTextLMWorkload
-from polyak.workloads.torch_common import TorchEmbeddedWorkload
 
 INIT_STDDEV = 0.02
 _RESIDUAL_OUTPUTS = ("attn_out", "mlp_out")
