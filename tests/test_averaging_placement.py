@@ -339,7 +339,9 @@ def test_jax_self_tuning_uses_host_placement_with_an_accelerator(
     workload = JaxLinearWorkload()
     params, model_state = workload.init_model_fn(0)
     _, programs = submission.init_optimizer_state(workload, params, model_state, None, None)
-    assert programs.averager.config.placement == "device"
+    # The default, "auto", is the device for JAX.
+    assert programs.averager.config.placement == "auto"
+    assert not programs.averager.placement.on_host
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     state, programs = submission.init_optimizer_state(workload, params, model_state, None, None)
     assert programs.averager.config.placement == "host"
