@@ -395,8 +395,7 @@ class TorchAverager:
             raise ValueError("averaging state does not match this model's parameters")
         self._counters.num_collected = int(state["num_collected"])
         self._counters.num_skipped_nonfinite = int(state["num_skipped_nonfinite"])
-        # Checkpoints from before collections were keyed by step: the step
-        # collected last is at most num_collected · every steps in.
+        # Checkpoints written before "last_step" existed: nothing is skipped.
         self._last_step = int(state.get("last_step", 0))
         self._swapped = False
         if state["stash"] is not None:

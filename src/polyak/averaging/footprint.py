@@ -51,8 +51,9 @@ def estimate(
     element count and their size in their own dtypes). Snapshots keep the
     weights' dtype, accumulators are fp32. ``staging`` adds the buffer a
     host placement copies into; ``stash`` the spare the swap exchanges with
-    the weights (it holds the live weights while the average is out for eval). ``world`` > 1 divides the persistent
-    state by the number of ranks holding a slice each.
+    the weights (it holds the live weights while the average is out for
+    eval). ``world`` > 1 divides the persistent state by the number of ranks
+    holding a slice each.
     """
     if not config.enabled:
         return Footprint()
