@@ -21,6 +21,16 @@ functions on its own tensors, so all give the same averages, bit for bit:
   (broadcast at each collection): DDP evaluates rank 0's BatchNorm
   statistics. Without a process group it is ``"device"`` with one rank.
 
+``"auto"`` (the default) is resolved before a store is built
+(:func:`resolve_placement`): the device if the state takes at most half the
+free accelerator memory, else sharded under DDP if a slice does, else host;
+without an accelerator, the device. The choice and its reason are logged.
+
+Every store writes the average into the tensors it is given (``mean_into``),
+in the weights' dtypes on the weights' device: the averager's spare, which
+then exchanges storage with the weights. Only a device EMA in the weights'
+dtype is lent as is (``lendable_average``), with no pass at all.
+
 ``state()`` has one format for every store (``window``, ``sum``, ``ema`` as
 lists of tensors shaped like the tracked ones), so a checkpoint moves between
 placements.
