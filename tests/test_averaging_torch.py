@@ -155,8 +155,10 @@ def test_nonfinite_weights_are_skipped_and_counted() -> None:
     np.testing.assert_allclose(got, np.mean(collected[-4:], axis=0), rtol=1e-6, atol=1e-6)
 
 
-def test_state_dict_round_trip_continues_identically() -> None:
-    config = AveragingConfig(mode="lawa", every=2, window=3)
+@pytest.mark.parametrize("mode", ["lawa", "ema"])
+def test_state_dict_round_trip_continues_identically(mode: str) -> None:
+    # EMA: saved while its accumulator is lent to the module.
+    config = AveragingConfig(mode=mode, every=2, window=3)
     model_a = _model()
     a = TorchAverager(config, model_a)
     rng = np.random.default_rng(4)
