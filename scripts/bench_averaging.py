@@ -17,14 +17,19 @@ Not a test: it prints medians over repeats, and the ratios the issue
     Goal ≤ 1.01.
 (b) ``prepare_for_eval`` (swap in the average) + restore, over the time of
     one copy of the parameters (``torch._foreach_copy_`` into preallocated
-    tensors), on the 25M model. Goal ≤ 3.
+    tensors), on the 25M model. The swap exchanges storage: no copy for an
+    fp32 EMA on the device, one pass (the mean into a spare) otherwise.
+    Goal ≤ 1.2.
 (c) One EMA update per step (β = 0.9, ν = 1) by polyak / by each of
     ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``,
     timm's ``ModelEmaV3`` and ``ema_pytorch.EMA``, on the 25M model. polyak's
-    device update includes its finiteness check (a non-finite snapshot is
-    never collected); the others have none. polyak's host update is what the
-    step path waits for, with a training step between updates, so its fold
-    overlaps that step, as in training. Goal ≤ 1.0.
+    device update is ``collect`` as the builder calls it: with the finiteness
+    verdict of the step's loss (a 0-dim tensor, read once), so one fused
+    pass; "own check" is ``collect`` without a verdict, which reads the
+    weights once more (the library default). The others have no guard.
+    polyak's host update is what the step path waits for, with a training
+    step between updates, so its fold overlaps that step, as in training.
+    Goal ≤ 1.0.
 
 timm needs torchvision, which must match torch; keep them out of the test
 environment and run this in a separate one:
@@ -63,7 +68,10 @@ flags.DEFINE_integer("big_rounds", 3, "Interleaved rounds of (a) on the 25M mode
 flags.DEFINE_integer("repeats", 7, "Repeats of each timing in (b) and (c).")
 flags.DEFINE_integer("width", 2048, "Hidden width of the big MLP (2048: ~25M parameters).")
 flags.DEFINE_integer("big_batch", 8, "Batch size of the big MLP.")
-flags.DEFINE_list("parts", ["a", "b", "c"], "Which parts to run.")
+flags.DEFINE_list("parts", ["a", "b", "c"], "Which parts to run (g: the CUDA-side figures).")
+flags.DEFINE_list("every", ["64"], "Collection periods (nu) of (a) on the big model.")
+flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Where the big model lives.")
+flags.DEFINE_bool("digits", True, "Run (a) on the embedded digits workload too (CPU only).")
 flags.DEFINE_integer(
     "threads", 1, "torch intra-op threads (1 avoids OpenMP spin-waits on a shared machine)."
 )
@@ -102,14 +110,15 @@ class BigMLPWorkload:
     workload_name = "big_mlp"
     metrics_logger = None
 
-    def __init__(self, width: int, batch: int) -> None:
+    def __init__(self, width: int, batch: int, device: str = "cpu") -> None:
         self.width = width
         self.batch = batch
+        self.device = torch.device(device)
         self.step_hint = 100_000
 
     def init_model_fn(self, seed: int) -> tuple[nn.Module, None]:
         torch.manual_seed(seed)
-        return BigMLP(self.width), None
+        return BigMLP(self.width).to(self.device), None
 
     def model_fn(self, params, augmented_and_preprocessed_input_batch, model_state, mode, rng,
                  update_batch_norm, dropout_rate):  # fmt: skip
@@ -122,7 +131,7 @@ class BigMLPWorkload:
         )
         return {
             "summed": per_example.sum(),
-            "n_valid_examples": torch.tensor(float(per_example.numel())),
+            "n_valid_examples": torch.tensor(float(per_example.numel()), device=self.device),
             "per_example": per_example,
         }
 
@@ -130,8 +139,10 @@ class BigMLPWorkload:
         generator = torch.Generator().manual_seed(0)
         fixed = [
             {
-                "inputs": torch.randn(self.batch, 512, generator=generator),
-                "targets": torch.randint(0, 1000, (self.batch,), generator=generator),
+                "inputs": torch.randn(self.batch, 512, generator=generator).to(self.device),
+                "targets": torch.randint(0, 1000, (self.batch,), generator=generator).to(
+                    self.device
+                ),
             }
             for _ in range(8)
         ]
@@ -161,6 +172,7 @@ class _Trainer:
         self.global_step = step
 
     def run(self, steps: int) -> float:
+        _synchronize()
         start = time.perf_counter()
         for _ in range(steps):
             self.state, self.model, self.model_state = self.submission.update_params(
@@ -170,16 +182,17 @@ class _Trainer:
             self.global_step += 1
         # A host fold still running belongs to this block.
         self.state["averager"].num_collected  # noqa: B018 - joins the worker
+        _synchronize()
         return time.perf_counter() - start
 
 
-def _trainers(workload: Any, batches: Callable[[], Iterator[Any]]) -> list[_Trainer]:
+def _trainers(workload: Any, batches: Callable[[], Iterator[Any]], every: int) -> list[_Trainer]:
     submission = build_submission(make_nadamw, NadamWConfig)
     defaults = NadamWConfig.DEFAULT_HYPERPARAMETERS
     model, model_state = workload.init_model_fn(0)
     trainers = []
     for name, settings in VARIANTS.items():
-        hp = types.SimpleNamespace(**{**defaults, **settings, "averaging_every": EVERY})
+        hp = types.SimpleNamespace(**{**defaults, **settings, "averaging_every": every})
         replica = copy.deepcopy(model)
         state = submission.init_optimizer_state(workload, replica, model_state, hp, None)
         trainers.append(
@@ -189,14 +202,16 @@ def _trainers(workload: Any, batches: Callable[[], Iterator[Any]]) -> list[_Trai
 
 
 def _step_time_ratios(label: str, workload: Any, batches: Callable[[], Iterator[Any]],
-                      rounds: int, block: int = EVERY) -> None:  # fmt: skip
-    """Interleaved blocks of ``block`` steps, each with one collection after
-    ``block // 2`` steps (``block // 4`` for short blocks)."""
-    trainers = _trainers(workload, batches)
-    before = block // 2 if block == EVERY else block // 4
+                      rounds: int, block: int, every: int = EVERY) -> None:  # fmt: skip
+    """Interleaved blocks of ``block`` steps. With ν = ``every`` > ``block``, each
+    block holds one collection (after ``block // 2`` steps, ``block // 4`` for
+    short blocks) and the step counter jumps a period between rounds."""
+    trainers = _trainers(workload, batches, every)
+    before = block // 2 if block >= every else block // 4
     # Start past the builder's every-step logging (the first 100 steps).
-    first = 4 * EVERY - before
-    warm_up = block if block == EVERY else block // 4
+    period = max(every, block)
+    first = max(4 * every, 128) - before
+    warm_up = block if block >= every else block // 4
     for trainer in trainers:
         trainer.jump_to(first - warm_up)
         trainer.run(warm_up)  # allocations, caches
@@ -205,20 +220,23 @@ def _step_time_ratios(label: str, workload: Any, batches: Callable[[], Iterator[
     for round_index in range(rounds):
         for index in rng.permutation(len(trainers)):
             trainer = trainers[index]
-            trainer.jump_to(first + round_index * EVERY)
+            trainer.jump_to(first + round_index * period)
             times[trainer.name].append(trainer.run(block))
+    collections = sum(1 for s in range(first, first + block) if s % every == 0)
     baseline = statistics.median(times["none"])
     step = baseline / block
-    print(f"\n(a) step time with averaging / without — {label}")
+    print(f"\n(a) step time with averaging / without, nu = {every} — {label}")
     print(
         f"    baseline: {1e3 * step:.3f} ms/step (median of {rounds} blocks of {block} steps, "
-        f"one collection per {EVERY} steps)"
+        f"{collections} collection(s) per block)"
     )
+    medians = {name: statistics.median(t) for name, t in times.items()}
     for trainer in trainers:
         if trainer.name == "none":
             continue
-        extra_per_collection = statistics.median(times[trainer.name]) - baseline
-        ratio = 1.0 + extra_per_collection / (EVERY * step)
+        extra_per_collection = (medians[trainer.name] - baseline) / max(collections, 1)
+        # The collection's cost, amortized over its period.
+        ratio = 1.0 + extra_per_collection / (every * step)
         # Cross-check from the averager's own timers (means since the last
         # training log): what collect() cost the step path, amortized.
         timings = trainer.state["averager"].timings.drain_ms()
@@ -228,8 +246,11 @@ def _step_time_ratios(label: str, workload: Any, batches: Callable[[], Iterator[
         print(
             f"    {trainer.name:12s} {ratio:7.4f}   (goal <= 1.01)   "
             f"block: {1e3 * extra_per_collection:+.1f} ms per collection; timers: collect "
-            f"{collect_ms:.1f} ms{background} -> {1 + collect_ms / (1e3 * EVERY * step):.4f}"
+            f"{collect_ms:.1f} ms{background} -> {1 + collect_ms / (1e3 * every * step):.4f}"
         )
+    for mode in ("lawa", "ema"):
+        host, device = medians[f"{mode}/host"], medians[f"{mode}/device"]
+        print(f"    {mode}: host placement / device placement, block time {host / device:7.4f}")
 
 
 def _digits() -> tuple[Any, Callable[[], Iterator[Any]]] | None:
@@ -255,9 +276,16 @@ def _digits() -> tuple[Any, Callable[[], Iterator[Any]]] | None:
 # -- (b) swap + restore ---------------------------------------------------------------
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _seconds(fn: Callable[[], Any]) -> float:
+    _synchronize()
     start = time.perf_counter()
     fn()
+    _synchronize()
     return time.perf_counter() - start
 
 
@@ -301,7 +329,7 @@ def _swap_restore_ratios(model: nn.Module, repeats: int) -> None:
     def one_copy() -> None:
         torch._foreach_copy_(copies, params)
 
-    print("\n(b) prepare_for_eval (swap) + restore / one copy of the parameters — 25M MLP")
+    print("\n(b) prepare_for_eval (swap) + restore / one copy of the parameters — big MLP")
     print(f"    ({sum(p.numel() for p in params) / 1e6:.1f}M parameters, fp32)")
     for mode in ("lawa", "ema"):
         for placement in ("device", "host", "sharded"):
@@ -316,7 +344,7 @@ def _swap_restore_ratios(model: nn.Module, repeats: int) -> None:
 
             ratio, swap_time, copy_time = _paired(swap_and_restore, one_copy, repeats)
             print(
-                f"    {mode}/{placement:8s} {ratio:6.2f}   (goal <= 3)   "
+                f"    {mode}/{placement:8s} {ratio:6.2f}   (goal <= 1.2)   "
                 f"{1e3 * swap_time:.1f} ms / {1e3 * copy_time:.1f} ms"
             )
             del averager
@@ -360,7 +388,13 @@ def _ema_update_ratios(model: nn.Module, workload: BigMLPWorkload, repeats: int)
     ours = _filled_averager(model, config, collections=1)
     step = iter(range(2, 10**9))
 
+    # What the builder passes: whether the step's loss was finite.
+    loss_is_finite = torch.isfinite(torch.tensor(1.0))
+
     def ours_device() -> None:
+        ours.collect(next(step), finite=loss_is_finite)
+
+    def ours_own_check() -> None:
         ours.collect(next(step))
 
     # Host placement: what collect() costs the step path with a training step
@@ -377,22 +411,96 @@ def _ema_update_ratios(model: nn.Module, workload: BigMLPWorkload, repeats: int)
         loss.backward()
         optimizer.step()
         start = time.perf_counter()
-        host.collect(index + 1)
+        host.collect(index + 1, finite=torch.isfinite(loss.detach()))
         samples.append(time.perf_counter() - start)
     ours_host = statistics.median(samples[1:])
 
-    print("\n(c) polyak EMA update / rival EMA update, β = 0.9 every step — 25M MLP")
-    print("    device: polyak's full update (finiteness check + fused lerp), paired with the rival")
+    print("\n(c) polyak EMA update / rival EMA update, β = 0.9 every step — big MLP")
+    print(
+        "    device: polyak's update with the loss's verdict (one fused lerp), paired with a rival"
+    )
+    print("    own check: without a verdict, the weights are read once more for the check")
     print(f"    host: polyak's step-path wait ({1e3 * ours_host:.2f} ms) / the rival's median")
     for name, update in _ema_rivals(model).items():
         if isinstance(update, str):
             print(f"    vs {name}: {update}")
             continue
         ratio, ours_time, rival_time = _paired(ours_device, update, repeats)
+        own_check, _, _ = _paired(ours_own_check, update, repeats)
         print(
             f"    vs {name:40s} device {ratio:6.3f}   host {ours_host / rival_time:6.3f}   "
+            f"own check {own_check:6.3f}   "
             f"({1e3 * ours_time:.1f} ms vs {1e3 * rival_time:.1f} ms; goal <= 1.0)"
         )
+
+
+# -- (g) the CUDA-side figures --------------------------------------------------------
+
+
+def _cuda_figures(model: nn.Module, workload: BigMLPWorkload, repeats: int) -> None:
+    """Pinned copies on a side stream, and the fold on the background thread."""
+    params = [p.detach() for p in model.parameters()]
+    num_bytes = sum(p.numel() * p.element_size() for p in params)
+    print(f"\n(g) host placement's moving parts — {num_bytes / 2**20:.0f} MiB of weights")
+    cuda = params[0].is_cuda
+    if cuda:
+        pinned = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in params]
+        pageable = [torch.empty(p.shape, dtype=p.dtype) for p in params]
+        side = torch.cuda.Stream()
+
+        def pinned_copy() -> None:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for host, device in zip(pinned, params):
+                    host.copy_(device, non_blocking=True)
+            side.synchronize()
+
+        def pageable_copy() -> None:
+            torch._foreach_copy_(pageable, params)
+
+        ratio, pinned_time, _ = _paired(pinned_copy, pageable_copy, repeats)
+        print(
+            f"    device -> pinned host on a side stream: {1e3 * pinned_time:.1f} ms "
+            f"({num_bytes / pinned_time / 1e9:.1f} GB/s); / pageable copy {ratio:.3f}"
+        )
+    else:
+        copies = [torch.empty_like(p) for p in params]
+        copy_time = statistics.median(
+            _seconds(lambda: torch._foreach_copy_(copies, params)) for _ in range(repeats)
+        )
+        print(
+            f"    no CUDA: a host copy instead of the pinned side-stream copy: "
+            f"{1e3 * copy_time:.1f} ms ({num_bytes / copy_time / 1e9:.1f} GB/s)"
+        )
+    # The fold on the background thread, against the step it hides behind (nu = 1).
+    host_model = copy.deepcopy(model)
+    averager = TorchAverager(
+        AveragingConfig(mode="ema", every=1, beta=BETA, placement="host"), host_model
+    )
+    optimizer = torch.optim.SGD(host_model.parameters(), lr=1e-6)
+    batches = workload.batches()
+    step_times = []
+    for index in range(repeats + 1):
+        batch = next(batches)
+        _synchronize()
+        start = time.perf_counter()
+        averager.before_optimizer_step()
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(host_model(batch["inputs"]), batch["targets"])
+        loss.backward()
+        optimizer.step()
+        averager.collect(index + 1, finite=torch.isfinite(loss.detach()))
+        _synchronize()
+        step_times.append(time.perf_counter() - start)
+    averager.num_collected  # noqa: B018 - joins the worker
+    timings = averager.timings.drain_ms()
+    step_ms = 1e3 * statistics.median(step_times[1:])
+    fold_ms = timings.get("averaging/fold_ms", float("nan"))
+    print(
+        f"    EMA fold on the worker thread {fold_ms:.1f} ms / step {step_ms:.1f} ms = "
+        f"{fold_ms / step_ms:.3f} (<= 1: hidden behind the step at nu = 1); "
+        f"step path waits {timings.get('averaging/collect_ms', float('nan')):.2f} ms"
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -400,31 +508,38 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     torch.set_num_threads(FLAGS.threads)
     torch.manual_seed(0)
-    optimizer_name = "polyak NadamW"
+    device = FLAGS.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; optimizer: {optimizer_name}"
+        f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; big model on {device}; "
+        "optimizer: polyak NadamW"
     )
-    big = BigMLPWorkload(FLAGS.width, FLAGS.big_batch)
+    big = BigMLPWorkload(FLAGS.width, FLAGS.big_batch, device)
     if "a" in FLAGS.parts:
-        digits = _digits()
+        digits = _digits() if FLAGS.digits else None
         if digits is None:
-            print("\n(a) embedded workload: polyak.workloads is not importable; skipped")
+            print("\n(a) embedded workload: skipped (--nodigits, or polyak.workloads missing)")
         else:
-            _step_time_ratios("embedded digits workload", *digits, rounds=FLAGS.rounds)
-        _step_time_ratios(
-            f"{sum(p.numel() for p in BigMLP(FLAGS.width).parameters()) / 1e6:.1f}M-parameter "
-            f"MLP, batch {FLAGS.big_batch}",
-            big,
-            big.batches,
-            rounds=FLAGS.big_rounds,
-            block=16,
-        )
+            _step_time_ratios("embedded digits workload", *digits, rounds=FLAGS.rounds, block=EVERY)
+        size = sum(p.numel() for p in BigMLP(FLAGS.width).parameters()) / 1e6
+        for every in (int(e) for e in FLAGS.every):
+            _step_time_ratios(
+                f"{size:.1f}M-parameter MLP, batch {FLAGS.big_batch}",
+                big,
+                big.batches,
+                rounds=FLAGS.big_rounds,
+                block=16,
+                every=every,
+            )
     model, _ = big.init_model_fn(0)
     if "b" in FLAGS.parts:
         _swap_restore_ratios(model, FLAGS.repeats)
     if "c" in FLAGS.parts:
         _ema_update_ratios(model, big, FLAGS.repeats)
+    if "g" in FLAGS.parts:
+        _cuda_figures(model, big, FLAGS.repeats)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,14 @@ def test_rank_zero_checkpoint_resumes_every_rank(ranks: list[dict], mode: str) -
             _assert_identical(saved, expected)
         # Resumed from it, every rank continues exactly.
         _assert_identical(got["resumed"], ranks[0][mode]["device"])
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("mode", ["lawa", "ema"])
+def test_swap_keeps_parameters_buckets_and_optimizer_state_under_ddp(
+    ranks: list[dict], mode: str
+) -> None:
+    for result in ranks:
+        got = result[f"{mode}_swap_identity"]
+        assert got["identity_kept"]
+        assert got["trajectory_equal"]

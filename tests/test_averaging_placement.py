@@ -31,7 +31,14 @@ from fakes import (
 )
 from polyak.algoperf import builder_jax, builder_torch
 from polyak.algoperf.trial_config import self_tuning_placement
-from polyak.averaging import footprint, lawa_ema_jax, lawa_ema_torch, metrics, placements_jax
+from polyak.averaging import (
+    footprint,
+    lawa_ema_jax,
+    lawa_ema_torch,
+    metrics,
+    placements_jax,
+    placements_torch,
+)
 from polyak.averaging.averager_torch import TorchAverager
 from polyak.averaging.config import AveragingConfig
 from polyak.averaging.footprint import AveragingMemoryError
@@ -339,7 +346,9 @@ def test_jax_self_tuning_uses_host_placement_with_an_accelerator(
     workload = JaxLinearWorkload()
     params, model_state = workload.init_model_fn(0)
     _, programs = submission.init_optimizer_state(workload, params, model_state, None, None)
-    assert programs.averager.config.placement == "device"
+    # The default, "auto", is the device for JAX.
+    assert programs.averager.config.placement == "auto"
+    assert not programs.averager.placement.on_host
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     state, programs = submission.init_optimizer_state(workload, params, model_state, None, None)
     assert programs.averager.config.placement == "host"
@@ -470,3 +479,70 @@ def test_jax_memory_check_names_the_hyperparameters(monkeypatch: pytest.MonkeyPa
     with pytest.raises(AveragingMemoryError, match="averaging='lawa', lawa_window=20"):
         placements_jax.check_fits(config, params, jax.devices("cpu")[0])
     placements_jax.check_fits(AveragingConfig(mode="none"), params, jax.devices("cpu")[0])
+
+
+# -- "auto": the placement that fits -------------------------------------------------------
+
+# criteo1tb's DLRM: a 4,194,304 × 128 fp32 embedding table dominates its ~2.1 GB of weights.
+CRITEO_ELEMENTS = 4_194_304 * 128 + 2_500_000
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("gpus", "gpu_gib", "expected"),
+    [
+        (8, 16, "host"),  # AlgoPerf v0.5/v0.6 rules: 8 × V100 16 GB
+        (4, 40, "sharded"),  # later main branches: 4 × A100 40 GB
+    ],
+)
+def test_auto_places_criteo_lawa_where_it_fits(gpus: int, gpu_gib: int, expected: str) -> None:
+    # The shipped *_lawa.json point: L = 20, which on the device alone is 44 GiB.
+    config = AveragingConfig(mode="lawa", every=64, window=20)
+    weight_bytes = 4 * CRITEO_ELEMENTS
+    on_device = footprint.needs(config, "device", CRITEO_ELEMENTS, weight_bytes).device.total
+    assert on_device > 40 * GIB
+    # Free when the averager is built: the card less the model's weights.
+    device_free = gpu_gib * GIB - weight_bytes
+    host_free = 200 * GIB
+    for rank in range(gpus):
+        placement, reason = footprint.choose_placement(
+            config,
+            CRITEO_ELEMENTS,
+            weight_bytes,
+            accelerator=True,
+            device_free=device_free,
+            host_free=host_free,
+            world=gpus,
+            rank=rank,
+        )
+        assert placement == expected, reason
+        needs = footprint.needs(
+            config, placement, CRITEO_ELEMENTS, weight_bytes, world=gpus, rank=rank
+        )
+        # It fits: at most half the free accelerator memory, and the host's.
+        assert needs.device.total <= footprint.DEVICE_SHARE * device_free
+        assert needs.host.total <= host_free
+        assert "exceeds" in reason
+
+
+def test_auto_keeps_a_small_state_on_the_accelerator_and_says_why() -> None:
+    config = AveragingConfig(mode="ema", every=64)
+    placement, reason = footprint.choose_placement(
+        config, 25_000_000, 100_000_000, accelerator=True, device_free=16 * GIB, host_free=None
+    )
+    assert placement == "device" and "fits" in reason
+
+
+def test_auto_is_the_device_without_an_accelerator(caplog: pytest.LogCaptureFixture) -> None:
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    model = _model()
+    averager = TorchAverager(AveragingConfig(mode="lawa", every=2, window=3), model)
+    assert averager.config.placement == "device"
+    assert isinstance(averager.placement, placements_torch.DeviceStore)
+    assert "chose 'device'" in caplog.text and "no accelerator" in caplog.text
+    # The checkpoint names the placement chosen, and resumes under "auto".
+    state = averager.state_dict()
+    assert state["config"]["placement"] == "device"
+    TorchAverager(AveragingConfig(mode="lawa", every=2, window=3), _model()).load_state_dict(state)

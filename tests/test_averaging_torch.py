@@ -155,8 +155,10 @@ def test_nonfinite_weights_are_skipped_and_counted() -> None:
     np.testing.assert_allclose(got, np.mean(collected[-4:], axis=0), rtol=1e-6, atol=1e-6)
 
 
-def test_state_dict_round_trip_continues_identically() -> None:
-    config = AveragingConfig(mode="lawa", every=2, window=3)
+@pytest.mark.parametrize("mode", ["lawa", "ema"])
+def test_state_dict_round_trip_continues_identically(mode: str) -> None:
+    # EMA: saved while its accumulator is lent to the module.
+    config = AveragingConfig(mode=mode, every=2, window=3)
     model_a = _model()
     a = TorchAverager(config, model_a)
     rng = np.random.default_rng(4)
@@ -189,3 +191,127 @@ def test_load_state_dict_rejects_other_settings() -> None:
     saved = TorchAverager(AveragingConfig(mode="lawa", window=3), model).state_dict()
     with pytest.raises(ValueError, match="same averaging hyperparameters"):
         TorchAverager(AveragingConfig(mode="lawa", window=4), model).load_state_dict(saved)
+
+
+def _trained_averager(config: AveragingConfig, steps: int = 6) -> tuple[nn.Module, TorchAverager]:
+    model = _model()
+    averager = TorchAverager(config, model)
+    rng = np.random.default_rng(6)
+    for step in range(1, steps + 1):
+        _perturb(model, rng)
+        averager.collect(step)
+    return model, averager
+
+
+@pytest.mark.parametrize("mode", ["lawa", "ema"])
+def test_swap_keeps_parameters_and_optimizer_state_and_copies_no_live_weights(mode: str) -> None:
+    model, averager = _trained_averager(AveragingConfig(mode=mode, every=1, window=3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    parameters = list(model.parameters())
+    grads = [p.grad for p in parameters]
+    state_keys = list(optimizer.state)
+    live = [p.detach().clone() for p in parameters]
+    live_pointers = [p.data_ptr() for p in parameters]
+    expected_average = averager.average()
+
+    averager.swap_in_average()
+    assert all(a is b for a, b in zip(model.parameters(), parameters))
+    assert all(p.grad is g for p, g in zip(parameters, grads))
+    assert list(optimizer.state) == state_keys and all(k in optimizer.state for k in parameters)
+    for p, a in zip(parameters, expected_average):
+        assert torch.equal(p.detach(), a)
+    # The live weights were not copied: their memory now holds them elsewhere.
+    assert not {p.data_ptr() for p in parameters} & set(live_pointers)
+    if mode == "ema":
+        # An fp32 EMA is lent to the module as is: no copy of the average either.
+        store_pointers = {e.data_ptr() for e in averager.placement.ema}  # type: ignore[union-attr]
+        assert store_pointers == set(live_pointers)
+
+    averager.restore_live()
+    assert [p.data_ptr() for p in parameters] == live_pointers
+    for p, original in zip(parameters, live):
+        assert torch.equal(p.detach(), original)
+    # The optimizer trains the same tensors it trained before.
+    optimizer.step()
+    assert all(k in optimizer.state for k in parameters)
+
+
+@pytest.mark.parametrize("mode", ["lawa", "ema"])
+def test_state_dict_while_swapped_holds_the_live_weights_and_the_true_average(mode: str) -> None:
+    config = AveragingConfig(mode=mode, every=1, window=3)
+    model, averager = _trained_averager(config)
+    unswapped = averager.state_dict()
+    live = [p.detach().clone() for p in model.parameters()]
+    averager.swap_in_average()
+    swapped = averager.state_dict()
+    for key in ("window", "sum", "ema"):
+        flat_a = [t for x in unswapped[key] for t in (x if isinstance(x, list) else [x])]
+        flat_b = [t for x in swapped[key] for t in (x if isinstance(x, list) else [x])]
+        assert all(torch.equal(a, b) for a, b in zip(flat_a, flat_b, strict=True))
+    assert all(torch.equal(s, t) for s, t in zip(swapped["stash"], live, strict=True))
+    # Reading the state left the average in the module.
+    for p, a in zip(model.parameters(), averager.average()):
+        assert torch.equal(p.detach(), a)
+
+
+def test_bf16_weights_get_the_fp32_ema_rounded_once_into_a_spare() -> None:
+    model = _model().to(torch.bfloat16)
+    averager = TorchAverager(AveragingConfig(mode="ema", every=1, beta=0.5), model)
+    rng = np.random.default_rng(7)
+    for step in range(1, 4):
+        _perturb_typed(model, rng)
+        averager.collect(step)
+    ema = averager.average()
+    averager.swap_in_average()
+    for p, e in zip(model.parameters(), ema):
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p.detach(), e.to(torch.bfloat16))
+
+
+def _perturb_typed(model: nn.Module, rng: np.random.Generator) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.from_numpy(rng.normal(size=tuple(p.shape))).to(p.dtype))
+
+
+def test_a_verdict_replaces_the_check_and_each_step_is_collected_once() -> None:
+    model = _model()
+    averager = TorchAverager(AveragingConfig(mode="ema", every=1), model)
+    assert averager.collect(1, finite=torch.tensor(True))
+    assert not averager.collect(1)  # already collected
+    # The caller's verdict is trusted: the weights are not read for the check.
+    assert not averager.collect(2, finite=torch.tensor(False))
+    assert averager.num_skipped_nonfinite == 1
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    assert not averager.collect(3)  # no verdict: the weights are checked
+    assert averager.num_skipped_nonfinite == 2 and averager.num_collected == 1
+
+
+def test_builder_never_collects_a_nonfinite_snapshot() -> None:
+    from fakes import SGDConfig, TorchLinearWorkload, batches, hparams, make_torch_sgd
+    from polyak.algoperf.builder_torch import build_submission
+
+    submission = build_submission(make_torch_sgd, SGDConfig)
+    hp = hparams(averaging="ema", averaging_every=1, ema_beta=0.5)
+    workload = TorchLinearWorkload()
+    model, model_state = workload.init_model_fn(0)
+    state = submission.init_optimizer_state(workload, model, model_state, hp, None)
+    for global_step, batch in enumerate(batches(0, 8)):
+        if global_step == 4:
+            with torch.no_grad():  # the weights after step 4 are poisoned
+                next(model.parameters()).view(-1)[0] = float("nan")
+        state, model, model_state = submission.update_params(
+            workload, model, None, model_state, hp, batch, None, state, [], global_step, None
+        )
+    averager = state["averager"]
+    # Steps 1-3 were judged by the next step's finite loss; 4-7 by a NaN loss;
+    # step 8 by the averager's own check in prepare_for_eval.
+    state, model, _ = submission.prepare_for_eval(
+        workload, model, None, model_state, hp, None, state, [], 8, None
+    )
+    assert averager.num_collected == 3
+    assert averager.num_skipped_nonfinite == 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -98,6 +98,54 @@ def run(mode: str, rank: int) -> dict:
     return out
 
 
+def swap_identity(mode: str, rank: int) -> dict:
+    """Training with a swap and restore around every other step equals training without.
+
+    The swap exchanges storage under DDP (buckets as gradient views): the
+    parameter objects, their gradients and the optimizer's state must stay
+    the same objects, and the trajectory bit for bit the same.
+    """
+    models, optimizers = [], []
+    for _ in range(2):
+        ddp = DistributedDataParallel(_model(), gradient_as_bucket_view=True)
+        models.append(ddp)
+        optimizers.append(torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9))
+    averager = TorchAverager(
+        AveragingConfig(placement="device", step_hint=100, **{**SETTINGS[mode], "every": 1}),
+        models[1],
+    )
+    rngs = [np.random.default_rng(200 + rank) for _ in range(2)]
+    parameters = list(models[1].parameters())
+    identity_kept = True
+    for step in range(1, 9):
+        for ddp, optimizer, rng in zip(models, optimizers, rngs):
+            _train_step(ddp, optimizer, rng)
+        averager.collect(step)
+        if step % 2:
+            continue
+        grads = [p.grad for p in parameters]
+        grad_pointers = [p.grad.data_ptr() for p in parameters]
+        momentum = [optimizers[1].state[p]["momentum_buffer"] for p in parameters]
+        averager.swap_in_average()
+        models[1].eval()
+        with torch.no_grad():
+            models[1](torch.ones(4, 5))  # an eval forward under DDP
+        models[1].train()
+        averager.restore_live()
+        identity_kept &= list(models[1].parameters()) == parameters
+        identity_kept &= all(p.grad is g for p, g in zip(parameters, grads))
+        identity_kept &= [p.grad.data_ptr() for p in parameters] == grad_pointers
+        identity_kept &= all(
+            optimizers[1].state[p]["momentum_buffer"] is m for p, m in zip(parameters, momentum)
+        )
+    return {
+        "identity_kept": identity_kept,
+        "trajectory_equal": all(
+            torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters())
+        ),
+    }
+
+
 def main() -> None:
     output = Path(sys.argv[1])
     dist.init_process_group("gloo")
@@ -106,6 +154,7 @@ def main() -> None:
     results = {"world_size": dist.get_world_size()}
     for mode in SETTINGS:
         results[mode] = run(mode, rank)
+        results[f"{mode}_swap_identity"] = swap_identity(mode, rank)
     output.mkdir(parents=True, exist_ok=True)
     torch.save(results, output / f"rank{rank}.pt")
     dist.barrier()

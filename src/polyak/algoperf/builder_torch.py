@@ -100,6 +100,12 @@ def build_submission(
             dropout_rate=training.dropout_rate,
             label_smoothing=training.label_smoothing,
         )
+        # The weights after step global_step are still the module's, and the loss
+        # just computed is theirs: a finite loss is the guard that keeps a
+        # non-finite snapshot out of the average, and it reads no weights. (A
+        # weight the loss does not read, such as an embedding row absent from
+        # the batch, is not judged by it; NaN/inf spread to the loss otherwise.)
+        averager.collect(global_step, finite=torch.isfinite(loss.detach()))
         loss.backward()
 
         if training.grad_clip is not None:
@@ -108,7 +114,6 @@ def build_submission(
         averager.before_optimizer_step()
         optimizer.step()
         optimizer_state["scheduler"].step()
-        averager.collect(global_step + 1)
         averager.remember_batch(batch)  # TWA fits on recent batches; others ignore it
 
         if should_log(global_step):
@@ -127,7 +132,7 @@ def build_submission(
         global_step: int,
         rng: Any,
     ) -> tuple[dict[str, Any], torch.nn.Module, Any]:
-        del current_params_types, hyperparameters, loss_type, eval_results, global_step
+        del current_params_types, hyperparameters, loss_type, eval_results
         config: TrialConfig = optimizer_state["config"]
         averager: TorchAverager = optimizer_state["averager"]
         fit_context = None
@@ -135,6 +140,10 @@ def build_submission(
             fit_context = _twa_fit_context(
                 workload, model_state, rng, config.training.label_smoothing
             )
+        # The last step's weights have no loss yet: the averager checks them itself
+        # (once per eval, and only on a collection step; the next update_params
+        # does not collect them again).
+        averager.collect(global_step)
         # TWA fits here, inside prepare_for_eval: its time is submission time.
         averager.swap_in_average(fit_context=fit_context)
         return optimizer_state, current_param_container, model_state

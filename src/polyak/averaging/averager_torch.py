@@ -6,12 +6,22 @@ works the same on a plain, a DDP-wrapped or a ``torch.compile``-wrapped model.
 
 Life cycle, as AlgoPerf drives it:
 
-1. ``collect(step)`` after every optimizer step; it copies the weights only
-   when the config's collection rule says so.
-2. ``swap_in_average()`` in ``prepare_for_eval``: the live weights are stashed
-   and the average is loaded into the module.
-3. ``restore_live()`` at the start of the next ``update_params``, so training
-   never sees the average.
+1. ``collect(step, finite=...)`` once per step; it folds the weights only
+   when the config's collection rule says so, at most once per step number.
+   ``finite`` is the caller's verdict on those weights (the AlgoPerf builder
+   collects the weights of step t after the forward pass of step t + 1 and
+   passes whether that loss was finite), so the guard reads no weights;
+   without a verdict the averager checks the weights itself.
+2. ``swap_in_average()`` in ``prepare_for_eval``: the parameters' storage is
+   exchanged with tensors holding the average (``param.data`` is reassigned,
+   so the parameter objects, their gradients, DDP's buckets and the
+   optimizer's state keyed by them stay as they are). EMA lends its own
+   accumulator when it has the weights' dtype and layout: no copy at all.
+   Otherwise (LAWA, a bf16 model's fp32 EMA, host and sharded placements)
+   the average is written once into a spare buffer beside the weights,
+   which then takes their place.
+3. ``restore_live()`` at the start of the next ``update_params`` exchanges
+   the storage back, so training never sees the average. No copy either.
 
 The placement (``averaging_placement``) decides where the state lives:
 ``"device"``, ``"host"`` (folded on a background thread; under CUDA call
@@ -28,17 +38,19 @@ the live buffers are stashed beside the live weights and come back with them.
 The batches are not checkpointed (they can be large): after a resume the fit
 uses the batches seen since.
 
-``state_dict()`` holds everything, stash included, in one format for all
-placements: AlgoPerf checkpoints right after an eval, when the module holds
-the average, and the live weights must come back from the optimizer state.
+``state_dict()`` holds everything, the live weights included while the
+average is swapped in, in one format for all placements: AlgoPerf
+checkpoints right after an eval, when the module holds the average, and the
+live weights must come back from the optimizer state.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -62,6 +74,23 @@ def tracked_tensors(module: nn.Module, config: AveragingConfig) -> list[torch.Te
     return tensors
 
 
+def exchange_storage(first: Tensors, second: Tensors) -> None:
+    """Swaps the storage of each pair in place; the tensor objects stay the same.
+
+    A parameter keeps its identity (and with it its ``.grad``, the autograd
+    hooks DDP's reducer registered, and the optimizer's state keyed by it);
+    only the memory it points at changes. Shapes, dtypes, devices and strides
+    must match, or a parameter would change its layout under the optimizer.
+    """
+    for a, b in zip(first, second, strict=True):
+        if (a.shape, a.dtype, a.device, a.stride()) != (b.shape, b.dtype, b.device, b.stride()):
+            raise ValueError(
+                f"cannot exchange the storage of a {a.dtype} tensor of shape {tuple(a.shape)} "
+                f"on {a.device} with a {b.dtype} one of shape {tuple(b.shape)} on {b.device}"
+            )
+        a.data, b.data = b.data, a.data
+
+
 @dataclasses.dataclass(frozen=True)
 class TWAFitContext:
     """What a TWA fit needs from the caller, who knows the workload.
@@ -77,16 +106,27 @@ class TWAFitContext:
 
 
 class TorchAverager:
-    """Keeps a LAWA window or an EMA of a module's weights, where the config places it."""
+    """Keeps a LAWA window or an EMA of a module's weights, where the config places it.
+
+    ``averaging_placement="auto"`` is resolved here, from the footprint and the
+    free memory (:func:`polyak.averaging.placements_torch.resolve_placement`);
+    ``config.placement`` is then the placement chosen.
+    """
 
     def __init__(self, config: AveragingConfig, module: nn.Module) -> None:
-        self.config = config
         self._module = module
         self._live = tracked_tensors(module, config)
+        if config.enabled and self._live:
+            config = placements_torch.resolve_placement(config, self._live)
+        self.config = config
         self.timings = metrics.Timings()
         self._counters = Counters()
+        self._last_step = 0
         self._swapped = False
-        self._stash: Tensors | None = None
+        # While swapped: the tensors that hold the live weights (a spare
+        # buffer, or the EMA lent to the module).
+        self._holding_live: Tensors | None = None
+        self._spare: Tensors | None = None
         self._store: placements_torch.Store | None = None
         # TWA: the recent training batches, and the live buffers while swapped.
         self._recent_batches: collections.deque[Any] = collections.deque(maxlen=config.twa.batches)
@@ -139,22 +179,30 @@ class TorchAverager:
     # -- collection -----------------------------------------------------------------
 
     @torch.no_grad()
-    def collect(self, step: int) -> bool:
-        """Takes the current weights if ``step`` (counted from 1) is a collection step.
+    def collect(self, step: int, finite: bool | torch.Tensor | None = None) -> bool:
+        """Takes the current weights as those after step ``step`` (counted from 1),
+        if that is a collection step not collected yet.
 
         Returns whether they were taken. Non-finite weights are skipped and
-        counted, so one bad step cannot poison the average; under ``"host"``
-        placement that check runs on the background thread, so a snapshot
-        taken here may still be skipped there (see ``num_skipped_nonfinite``).
+        counted, so one bad step cannot poison the average. ``finite`` is the
+        caller's verdict on these weights, from what its step computed anyway
+        (a scalar, or a 0-dim tensor: read once); then no pass over the weights
+        checks them. Without it (None) the weights are checked here, or under
+        ``"host"`` placement on the background thread, so a snapshot taken
+        here may still be skipped there (see ``num_skipped_nonfinite``).
         """
-        if not self.config.should_collect(step) or self._store is None:
+        if step <= self._last_step or not self.config.should_collect(step):
+            return False
+        if self._store is None:
             return False
         if self._swapped:
             raise RuntimeError(
                 "collect() while the average is swapped in: call restore_live() first"
             )
         start = time.perf_counter()
-        taken = self._store.collect(self._live)
+        self._last_step = step
+        verdict = None if finite is None else bool(finite)
+        taken = self._store.collect(self._live, verdict)
         self.timings.record("collect", time.perf_counter() - start)
         return taken
 
@@ -183,15 +231,16 @@ class TorchAverager:
         A collective under ``"sharded"`` placement: call it on every rank.
         """
         self._join()
-        if self._store is None or self._counters.num_collected == 0:
-            return [t.detach().float().clone() for t in self._live]
-        return self._store.mean()
+        with self._live_in_place():
+            if self._store is None or self._counters.num_collected == 0:
+                return [t.detach().float().clone() for t in self._live]
+            return self._store.mean()
 
     def swap_in_average(self, fit_context: TWAFitContext | None = None) -> None:
-        """Stashes the live weights and loads the average into the module.
+        """Exchanges the module's weights for the average (no copy of the live weights).
 
         For TWA, ``fit_context`` is required: the coefficients are fitted and
-        BatchNorm statistics recomputed here (the live buffers are stashed too).
+        BatchNorm statistics recomputed here (the live buffers are stashed).
         A collective under ``"sharded"`` placement (and for TWA under DDP):
         call it on every rank.
         """
@@ -204,13 +253,19 @@ class TorchAverager:
             )
         start = time.perf_counter()
         with torch.no_grad():
-            torch._foreach_copy_(self._stash_buffers(), self._live, non_blocking=self._pinned_stash)
-            if self.config.mode != "twa":
-                self._store.mean_into(self._live)
+            holder = None if self.config.mode == "twa" else self._store.lendable_average(self._live)
+            if holder is None:
+                holder = self._spare_buffers()
+                if self.config.mode != "twa":
+                    self._store.mean_into(holder)
+            # TWA writes its weights into the module after this: the spare's
+            # old contents are never seen.
+            exchange_storage(self._live, holder)
+            self._holding_live = holder
+        self._swapped = True
         if self.config.mode == "twa":
             assert fit_context is not None
             self._swap_in_twa(fit_context)
-        self._swapped = True
         self.timings.record("swap", time.perf_counter() - start)
 
     def _swap_in_twa(self, context: TWAFitContext) -> None:
@@ -256,57 +311,60 @@ class TorchAverager:
 
     @torch.no_grad()
     def restore_live(self) -> None:
-        """Puts the live weights back; a no-op unless the average is swapped in."""
+        """Puts the live weights back (an exchange of storage); a no-op unless swapped."""
         if not self._swapped:
             return
-        assert self._stash is not None
+        assert self._holding_live is not None
         start = time.perf_counter()
-        torch._foreach_copy_(self._live, self._stash, non_blocking=self._pinned_stash)
+        exchange_storage(self._live, self._holding_live)
+        self._holding_live = None
         if self._buffer_stash is not None:
             for buffer, saved in zip(self._module.buffers(), self._buffer_stash):
                 buffer.copy_(saved)
             self._buffer_stash = None
         if self.config.placement == "sharded" and rank_and_world()[1] > 1:
-            self._stash = None  # sharded placement is chosen to save device memory
+            self._spare = None  # sharded placement is chosen to save device memory
         self._swapped = False
         self.timings.record("restore", time.perf_counter() - start)
 
-    @property
-    def _pinned_stash(self) -> bool:
-        return isinstance(self._store, placements_torch.HostStore) and self._store.cuda
+    @contextlib.contextmanager
+    def _live_in_place(self) -> Iterator[None]:
+        """The live weights in the module, and the store's own tensors in the store,
+        for the duration (two exchanges of storage while swapped, no copy)."""
+        holder = self._holding_live if self._swapped else None
+        if holder is not None:
+            exchange_storage(self._live, holder)
+        try:
+            yield
+        finally:
+            if holder is not None:
+                exchange_storage(self._live, holder)
 
-    def _stash_buffers(self) -> Tensors:
+    def _spare_buffers(self) -> Tensors:
         # Kept between evals: allocating (and page-faulting) a model's worth
-        # of memory per eval would cost as much as the copy itself.
-        if self._stash is None:
-            on_host = self.config.placement == "host"
-            self._stash = [
-                torch.empty(
-                    t.shape,
-                    dtype=t.dtype,
-                    device="cpu" if on_host else t.device,
-                    pin_memory=on_host and self._pinned_stash,
-                )
-                for t in self._live
-            ]
-        return self._stash
+        # of memory per eval would cost as much as the copy it saves.
+        if self._spare is None:
+            self._spare = [torch.empty_like(t) for t in self._live]
+        return self._spare
 
     # -- checkpointing ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly, in one format for every placement."""
         self._join()
-        if self._pinned_stash and self._swapped:
-            torch.cuda.current_stream(self._live[0].device).synchronize()
         stored: dict[str, Any] = {"window": [], "sum": [], "ema": []}
-        if self._store is not None:
-            stored = self._store.state()
+        with self._live_in_place():
+            if self._store is not None:
+                stored = self._store.state()
+            stash = [t.detach().clone() for t in self._live] if self._swapped else None
         return {
             "config": self.config.to_dict(),
             "num_collected": self._counters.num_collected,
             "num_skipped_nonfinite": self._counters.num_skipped_nonfinite,
+            "last_step": self._last_step,
             "swapped": self._swapped,
-            "stash": [t.clone() for t in self._stash] if self._swapped and self._stash else None,
+            # The live weights while the module holds the average.
+            "stash": stash,
             # TWA's live buffers while its recomputed BatchNorm statistics are out.
             "buffer_stash": (
                 [t.clone() for t in self._buffer_stash]
@@ -327,15 +385,23 @@ class TorchAverager:
                 f"averaging state was saved with {saved}, but this run is configured with "
                 f"{self.config}; resume with the same averaging hyperparameters"
             )
+        # The module's weights are the caller's to load; a swap in progress is
+        # forgotten, not undone (its holder may be the store's lent EMA, which
+        # is overwritten below).
+        self._holding_live = None
         if self._store is not None:
             self._store.load_state(state)
         elif state["window"] or state["sum"] or state["ema"]:
             raise ValueError("averaging state does not match this model's parameters")
         self._counters.num_collected = int(state["num_collected"])
         self._counters.num_skipped_nonfinite = int(state["num_skipped_nonfinite"])
+        # Checkpoints written before "last_step" existed: nothing is skipped.
+        self._last_step = int(state.get("last_step", 0))
         self._swapped = False
         if state["stash"] is not None:
-            placements_torch.copy_into(self._stash_buffers(), state["stash"])
+            spare = self._spare_buffers()
+            placements_torch.copy_into(spare, state["stash"])
+            self._holding_live = spare
             self._swapped = True
         self._buffer_stash = None
         if self._swapped and state.get("buffer_stash") is not None:

@@ -12,7 +12,9 @@ Hyperparameter names (the public interface, shared by both frameworks):
 - ``averaging_start_frac``: fraction of ``step_hint`` before the first collection.
 - ``averaging_buffers``: ``"live"`` keeps the live BatchNorm statistics in the
   averaged model (the paper's behaviour), ``"average"`` averages float buffers.
-- ``averaging_placement``: where the state lives. ``"device"`` beside the
+- ``averaging_placement``: where the state lives. ``"auto"`` (the default)
+  picks one of the others from the state's footprint and the free memory
+  (PyTorch; JAX treats it as ``"device"``); ``"device"`` beside the
   weights (fastest swap); ``"host"`` in CPU memory, copied and folded off the
   step path; ``"sharded"`` split over the DDP ranks (PyTorch; JAX treats it as
   ``"device"``). All give the same averages.
@@ -44,7 +46,7 @@ from typing import Any, ClassVar, Literal
 from polyak.hyperparameters import lookup
 
 Mode = Literal["none", "lawa", "ema", "twa"]
-Placement = Literal["device", "host", "sharded"]
+Placement = Literal["auto", "device", "host", "sharded"]
 BufferPolicy = Literal["live", "average"]
 
 MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
@@ -52,7 +54,7 @@ MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
 TORCH_ONLY_MODES: tuple[str, ...] = ("twa",)
 # Modes that keep a LAWA window of snapshots (TWA fits over them).
 WINDOW_MODES: tuple[str, ...] = ("lawa", "twa")
-PLACEMENTS: tuple[str, ...] = ("device", "host", "sharded")
+PLACEMENTS: tuple[str, ...] = ("auto", "device", "host", "sharded")
 BUFFER_POLICIES: tuple[str, ...] = ("live", "average")
 
 DEFAULT_WINDOW = 20
@@ -186,7 +188,7 @@ class AveragingConfig:
     start_frac: float = 0.0
     step_hint: int = 1
     buffers: BufferPolicy = "live"
-    placement: Placement = "device"
+    placement: Placement = "auto"
     twa: TWAConfig = TWAConfig()
 
     # Hyperparameter name → field (the twa_* names are TWAConfig's).

@@ -50,9 +50,10 @@ def estimate(
     ``num_elements`` and ``weight_bytes`` describe the tracked tensors (their
     element count and their size in their own dtypes). Snapshots keep the
     weights' dtype, accumulators are fp32. ``staging`` adds the buffer a
-    host placement copies into; ``stash`` the copy of the live weights kept
-    while the average is out for eval. ``world`` > 1 divides the persistent
-    state by the number of ranks holding a slice each.
+    host placement copies into; ``stash`` the spare the swap exchanges with
+    the weights (it holds the live weights while the average is out for
+    eval). ``world`` > 1 divides the persistent state by the number of ranks
+    holding a slice each.
     """
     if not config.enabled:
         return Footprint()
@@ -119,3 +120,105 @@ def check_fits(
 
 def _gib(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB"
+
+
+# "auto" keeps the state on the accelerator only if it takes at most this share of
+# the memory free when the averager is built: the optimizer's state (allocated at its
+# first step), the activations and the eval still need the rest.
+DEVICE_SHARE = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementNeeds:
+    """What one rank holds on its device and in host memory under one placement."""
+
+    device: Footprint
+    host: Footprint
+
+
+def needs(
+    config: AveragingConfig,
+    placement: str,
+    num_elements: int,
+    weight_bytes: int,
+    *,
+    world: int = 1,
+    rank: int = 0,
+    lends_accumulator: bool = False,
+) -> PlacementNeeds:
+    """What ``placement`` costs where. The swap exchanges the weights' storage with
+    a spare beside them (``weight_bytes`` on the device), except when the EMA
+    itself is lent (``lends_accumulator``: device placement, the weights' dtype)."""
+    if not config.enabled:
+        return PlacementNeeds(Footprint(), Footprint())
+    if placement == "host":
+        on_host = estimate(config, num_elements, weight_bytes, staging=True, stash=False)
+        return PlacementNeeds(device=Footprint(eval_buffers=weight_bytes), host=on_host)
+    if placement == "sharded":
+        on_device = estimate(config, num_elements, weight_bytes, staging=True, world=world)
+        mirror = Footprint()
+        if world > 1 and rank == 0:
+            # Rank 0's host mirror, which its checkpoints are written from.
+            mirror = estimate(config, num_elements, weight_bytes, staging=True, stash=False)
+        return PlacementNeeds(device=on_device, host=mirror)
+    on_device = estimate(config, num_elements, weight_bytes, stash=not lends_accumulator)
+    return PlacementNeeds(device=on_device, host=Footprint())
+
+
+def choose_placement(
+    config: AveragingConfig,
+    num_elements: int,
+    weight_bytes: int,
+    *,
+    accelerator: bool,
+    device_free: int | None,
+    host_free: int | None,
+    world: int = 1,
+    rank: int = 0,
+    lends_accumulator: bool = False,
+) -> tuple[str, str]:
+    """The placement ``"auto"`` stands for, and why, from the footprint and free memory.
+
+    Without an accelerator host and device are one memory: ``"device"``, the
+    simplest. With one: ``"device"`` if the state takes at most
+    :data:`DEVICE_SHARE` of the free device memory, else ``"sharded"`` under
+    DDP if this rank's slice does, else ``"host"``, which costs the device
+    only the swap's spare. Unknown free memory counts as enough.
+    """
+
+    def gib(num_bytes: int | None) -> str:
+        return "unknown" if num_bytes is None else _gib(num_bytes)
+
+    def fits(need: Footprint, free: int | None, share: float = 1.0) -> bool:
+        return free is None or need.total <= share * free
+
+    def cost(placement: str) -> PlacementNeeds:
+        return needs(
+            config,
+            placement,
+            num_elements,
+            weight_bytes,
+            world=world,
+            rank=rank,
+            lends_accumulator=lends_accumulator,
+        )
+
+    if not accelerator:
+        return "device", "no accelerator: device and host memory are the same"
+    budget = f"{DEVICE_SHARE:.0%} of the {gib(device_free)} free on the accelerator"
+    device = cost("device")
+    if fits(device.device, device_free, DEVICE_SHARE):
+        return "device", f"the state ({gib(device.device.total)}) fits in {budget}"
+    reason = f"the state ({gib(device.device.total)}) exceeds {budget}"
+    if world > 1:
+        sharded = cost("sharded")
+        if fits(sharded.device, device_free, DEVICE_SHARE) and fits(sharded.host, host_free):
+            return "sharded", (
+                f"{reason}; a 1/{world} slice per rank ({gib(sharded.device.total)}) fits"
+            )
+        reason += f", and so does a 1/{world} slice per rank ({gib(sharded.device.total)})"
+    host = cost("host")
+    return "host", (
+        f"{reason}; host memory holds it ({gib(host.host.total)} of {gib(host_free)} available), "
+        f"the accelerator only the swap's spare ({gib(host.device.total)})"
+    )

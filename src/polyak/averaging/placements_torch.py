@@ -21,6 +21,16 @@ functions on its own tensors, so all give the same averages, bit for bit:
   (broadcast at each collection): DDP evaluates rank 0's BatchNorm
   statistics. Without a process group it is ``"device"`` with one rank.
 
+``"auto"`` (the default) is resolved before a store is built
+(:func:`resolve_placement`): the device if the state takes at most half the
+free accelerator memory, else sharded under DDP if a slice does, else host;
+without an accelerator, the device. The choice and its reason are logged.
+
+Every store writes the average into the tensors it is given (``mean_into``),
+in the weights' dtypes on the weights' device: the averager's spare, which
+then exchanges storage with the weights. Only a device EMA in the weights'
+dtype is lent as is (``lendable_average``), with no pass at all.
+
 ``state()`` has one format for every store (``window``, ``sum``, ``ema`` as
 lists of tensors shaped like the tracked ones), so a checkpoint moves between
 placements.
@@ -29,11 +39,13 @@ placements.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import time
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from absl import logging
 
 from polyak.averaging import footprint, lawa_ema_torch, metrics
 from polyak.averaging.config import AveragingConfig
@@ -47,7 +59,9 @@ class Store(Protocol):
 
     counters: Counters
 
-    def collect(self, live: Tensors) -> bool: ...
+    def collect(self, live: Tensors, finite: bool | None) -> bool: ...
+
+    def lendable_average(self, live: Tensors) -> Tensors | None: ...
 
     def before_optimizer_step(self) -> None: ...
 
@@ -77,12 +91,23 @@ class DeviceStore:
         else:
             self.ema = [torch.zeros_like(t, dtype=torch.float32) for t in live]
 
-    def collect(self, live: Tensors) -> bool:
-        if not lawa_ema_torch.all_finite(live):
+    def collect(self, live: Tensors, finite: bool | None) -> bool:
+        if finite is None:
+            finite = lawa_ema_torch.all_finite(live)
+        if not finite:
             lawa_ema_torch.skip_nonfinite(self.counters)
             return False
         lawa_ema_torch.fold(self.config, self.counters, self.window, self.total, self.ema, live)
         return True
+
+    def lendable_average(self, live: Tensors) -> Tensors | None:
+        """The EMA itself, if it can take the weights' place as is (same dtype and layout)."""
+        if not self.ema or not all(
+            (e.dtype, e.shape, e.stride(), e.device) == (t.dtype, t.shape, t.stride(), t.device)
+            for e, t in zip(self.ema, live)
+        ):
+            return None
+        return self.ema
 
     def before_optimizer_step(self) -> None:
         pass
@@ -148,14 +173,19 @@ class HostStore:
         )
         self._pending: concurrent.futures.Future[None] | None = None
         self._fence_pending = False
+        self._check_finite = True
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._copied = torch.cuda.Event()
             self._loaded = torch.cuda.Event()
             self._loaded_pending = False
 
-    def collect(self, live: Tensors) -> bool:
+    def collect(self, live: Tensors, finite: bool | None) -> bool:
         self.join()
+        if finite is False:
+            lawa_ema_torch.skip_nonfinite(self.counters)
+            return False
+        self._check_finite = finite is None
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
             # Buffers change in the next forward pass (BatchNorm, DDP's
@@ -185,7 +215,7 @@ class HostStore:
             self._copied.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            if not lawa_ema_torch.all_finite(self._staging):
+            if self._check_finite and not lawa_ema_torch.all_finite(self._staging):
                 lawa_ema_torch.skip_nonfinite(self.counters)
                 return
             lawa_ema_torch.fold(
@@ -207,6 +237,9 @@ class HostStore:
 
     def mean(self) -> Tensors:
         return lawa_ema_torch.mean(self.config, self.counters, self.total, self.ema)
+
+    def lendable_average(self, live: Tensors) -> Tensors | None:
+        return None  # in host memory: uploaded into a spare beside the weights
 
     def mean_into(self, targets: Tensors) -> None:
         if not self.cuda:  # the targets are in host memory too
@@ -289,12 +322,16 @@ class ShardedStore:
             for t, written in zip(live, self._written_in_forward)
         ]
 
-    def collect(self, live: Tensors) -> bool:
+    def collect(self, live: Tensors, finite: bool | None) -> bool:
         if self.mirror is not None:
-            self.mirror.collect(live)  # rank 0's own buffers, as broadcast below
+            self.mirror.collect(live, finite)  # rank 0's own buffers, as broadcast below
+        if finite is False:
+            lawa_ema_torch.skip_nonfinite(self.counters)
+            return False
         live = self._rank_zero_buffers(live)
-        # Every rank now sees the same values, so every rank reaches the same verdict.
-        if not lawa_ema_torch.all_finite(live):
+        # Every rank now sees the same values, so every rank reaches the same
+        # verdict (a caller's verdict must be the same on every rank too).
+        if finite is None and not lawa_ema_torch.all_finite(live):
             lawa_ema_torch.skip_nonfinite(self.counters)
             return False
         self.layout.slice_into(self._staging[0], live)
@@ -310,6 +347,9 @@ class ShardedStore:
     def join(self) -> None:
         if self.mirror is not None:
             self.mirror.join()
+
+    def lendable_average(self, live: Tensors) -> Tensors | None:
+        return None  # gathered from every rank into a spare
 
     def _gathered_accumulator(self) -> Tensors:
         """The whole fp32 sum (LAWA) or EMA, as views shaped like the tracked tensors.
@@ -406,29 +446,53 @@ def store_for(
     return DeviceStore(config, live, counters)
 
 
+def _lends_accumulator(config: AveragingConfig, live: Tensors) -> bool:
+    # DeviceStore.lendable_average: an fp32 EMA can take fp32 weights' place.
+    return config.mode == "ema" and all(t.dtype == torch.float32 for t in live)
+
+
+def resolve_placement(config: AveragingConfig, live: Tensors) -> AveragingConfig:
+    """``config`` with ``placement="auto"`` replaced by the placement that fits
+    (:func:`polyak.averaging.footprint.choose_placement`), logged with the reason."""
+    if config.placement != "auto":
+        return config
+    device = live[0].device
+    rank, world = rank_and_world()
+    placement, reason = footprint.choose_placement(
+        config,
+        sum(t.numel() for t in live),
+        sum(t.numel() * t.element_size() for t in live),
+        accelerator=device.type != "cpu",
+        device_free=_available_bytes(device),
+        host_free=footprint.available_host_bytes(),
+        world=world,
+        rank=rank,
+        lends_accumulator=_lends_accumulator(config, live),
+    )
+    logging.info("averaging_placement='auto' chose %r: %s", placement, reason)
+    return dataclasses.replace(config, placement=placement)
+
+
 def check_fits(config: AveragingConfig, live: Tensors) -> None:
     """Raises :class:`~polyak.averaging.footprint.AveragingMemoryError` if the state
     ``config`` places would not fit where it goes."""
     num_elements = sum(t.numel() for t in live)
     weight_bytes = sum(t.numel() * t.element_size() for t in live)
     device = live[0].device
-    if config.placement == "host":
-        needed = footprint.estimate(config, num_elements, weight_bytes, staging=True)
-        footprint.check_fits(config, needed, footprint.available_host_bytes(), "host")
-        return
-    world = 1
-    if config.placement == "sharded":
-        rank, world = rank_and_world()
-        if world > 1 and rank == 0:
-            # Rank 0's host mirror, which its checkpoints are written from.
-            mirror = footprint.estimate(
-                config, num_elements, weight_bytes, staging=True, stash=False
-            )
-            footprint.check_fits(config, mirror, footprint.available_host_bytes(), "host (rank 0)")
-    needed = footprint.estimate(
-        config, num_elements, weight_bytes, staging=config.placement == "sharded", world=world
+    rank, world = rank_and_world() if config.placement == "sharded" else (0, 1)
+    where = footprint.needs(
+        config,
+        config.placement,
+        num_elements,
+        weight_bytes,
+        world=world,
+        rank=rank,
+        lends_accumulator=config.placement == "device" and _lends_accumulator(config, live),
     )
-    footprint.check_fits(config, needed, _available_bytes(device), f"{device.type} device")
+    host_bytes, device_bytes = footprint.available_host_bytes(), _available_bytes(device)
+    if where.host.total:
+        footprint.check_fits(config, where.host, host_bytes, "host")
+    footprint.check_fits(config, where.device, device_bytes, f"{device.type} device")
 
 
 def _available_bytes(device: torch.device) -> int | None:
