@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-Grafting = Literal["adam", "sgd", "none"]
-GRAFTINGS: tuple[str, ...] = ("adam", "sgd", "none")
+Grafting = Literal["adam", "rmsprop", "adagrad", "sgd", "none"]
+GRAFTINGS: tuple[str, ...] = ("adam", "rmsprop", "adagrad", "sgd", "none")
+RootPrecision = Literal["float64", "float32"]
+ROOT_PRECISIONS: tuple[str, ...] = ("float64", "float32")
 
 
 class ShampooConfigError(ValueError):
@@ -25,35 +27,50 @@ class ShampooConfig:
     # Roots cost O(d³): recompute them only this often.
     precondition_frequency: int = 100
     # Before this step only the grafted method runs, while the factor
-    # statistics warm up.
+    # statistics warm up. Roots are computed at this step and then at every
+    # multiple of precondition_frequency after it (Distributed Shampoo's rule).
     start_preconditioning_step: int = 100
-    # First moment of the search direction (NAdam-style when use_nesterov).
-    # As in Distributed Shampoo, it filters the gradient *before* the
-    # preconditioner and the grafted method are applied (both see the same
-    # filtered gradient); the statistics always use the raw gradient.
+    # First moment, filtering the gradient *before* the preconditioner and
+    # the grafted method (both see the same filtered gradient); the
+    # statistics always use the raw gradient. As in Distributed Shampoo.
     beta1: float = 0.9
+    # NAdam look-ahead of that first moment: (β1·m + (1−β1)·g) instead of m.
+    use_nadam: bool = True
     # EMA of the factor statistics; 1.0 sums them instead.
     beta2: float = 0.999
     # Added to the factors' eigenvalues before the inverse root.
     epsilon: float = 1e-12
     # Decoupled weight decay, scaled by the learning rate.
     weight_decay: float = 0.0
-    use_nesterov: bool = True
     use_bias_correction: bool = True
-    # The direction's per-block norm comes from this simpler method.
+    # The direction's per-block norm comes from this simpler method:
+    # adam (EMA of g², bias-corrected), rmsprop (EMA, no correction),
+    # adagrad (sum of g²), sgd (the filtered gradient) or none.
     grafting: Grafting = "adam"
+    # EMA of the grafted method's second moment (adam, rmsprop); 1.0 sums.
     grafting_beta2: float = 0.999
     grafting_epsilon: float = 1e-8
+    # The grafted method sees each block's gradient divided by its norm.
+    use_normalized_grafting: bool = False
     # 0 means the default exponent −1/(2·order); k > 0 forces −1/k.
     inv_root_override: int = 0
+    # Multiplies the exponent: −exponent_multiplier/(2·order).
+    exponent_multiplier: float = 1.0
     # Parameters with any dimension at least this large (Criteo's embedding
-    # table) are grafted only: their factors would not fit.
+    # table) are grafted only, always with Adam grafting (as the v0.5
+    # submission's row-wise optimizer did): their factors would not fit.
     preconditioning_dim_limit: int = 1_000_000
     # EMA momentum on the final direction (after preconditioning, grafting
-    # and weight decay), Nesterov-style when use_nesterov; 0 turns it off.
-    # Distributed Shampoo's `momentum` (AlgoPerf v0.5: 1 - one_minus_momentum
-    # when use_momentum, else 0).
+    # and weight decay); 0 turns it off. Distributed Shampoo's `momentum`.
     momentum: float = 0.0
+    # Nesterov look-ahead of that momentum (the v0.5 submission always used it).
+    use_nesterov: bool = True
+    # Precision of the eigendecomposition behind each inverse root. float64
+    # keeps the root's round-off (~1e-16·λmax) below epsilon; float32
+    # round-off (~1e-7·λmax) exceeds epsilon = 1e-8 on every factor with
+    # λmax > 0.1 that is rank-deficient, as every factor wider than the
+    # number of updates so far is, and then round-off decides the step.
+    root_precision: RootPrecision = "float64"
 
     def __post_init__(self) -> None:
         _positive_int("max_preconditioner_dim", self.max_preconditioner_dim)
@@ -80,8 +97,19 @@ class ShampooConfig:
             raise ShampooConfigError(
                 f"beta2={self.beta2!r} must lie in (0, 1] (1 sums the statistics)"
             )
-        if not 0.0 <= self.grafting_beta2 < 1.0:
-            raise ShampooConfigError(f"grafting_beta2={self.grafting_beta2!r} must lie in [0, 1)")
+        if not 0.0 < self.grafting_beta2 <= 1.0:
+            raise ShampooConfigError(
+                f"grafting_beta2={self.grafting_beta2!r} must lie in (0, 1] (1 sums g²)"
+            )
+        if not (isinstance(self.exponent_multiplier, float | int) and self.exponent_multiplier > 0):
+            raise ShampooConfigError(
+                f"exponent_multiplier={self.exponent_multiplier!r} must be a number > 0"
+            )
+        if self.root_precision not in ROOT_PRECISIONS:
+            raise ShampooConfigError(
+                f"root_precision={self.root_precision!r} is unknown; expected one of "
+                f"{ROOT_PRECISIONS}"
+            )
         if not self.epsilon > 0.0:
             raise ShampooConfigError(f"epsilon={self.epsilon!r} must be > 0")
         if not self.grafting_epsilon > 0.0:

@@ -43,69 +43,163 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "step_hint_factor": 1.0,
 }
 
-_GRAFTING_TYPES = {"ADAM": "adam", "SGD": "sgd", "NONE": "none"}
+_GRAFTING_TYPES = {
+    "ADAM": "adam",
+    "RMSPROP": "rmsprop",
+    "ADAGRAD": "adagrad",
+    "SGD": "sgd",
+    "NONE": "none",
+}
+# Directions are exchanged in float32 under DDP. Whether the exchange carries
+# directions or updated parameters (communicate_params) changes nothing else.
+_COMMUNICATION_DTYPES = ("FP32",)
 
 
 def shampoo_config_from_hyperparameters(hyperparameters: Any) -> ShampooConfig:
     """A ShampooConfig from AlgoPerf v0.5 Distributed Shampoo hyperparameter names.
 
-    ``one_minus_beta2`` (or ``beta2``) sets both the factor and the Adam
-    grafting EMA, as in the v0.5 submission; ``start_preconditioning_step``
-    −1 means ``precondition_frequency``; ``use_nadam`` sets ``use_nesterov``
-    (kept True when β1 = 0, where it only affects the momentum, which the
-    submission always ran Nesterov-style). ``communication_dtype`` and
-    ``communicate_params`` are accepted and ignored (directions are exchanged
-    in float32).
+    Every field is either honoured as the v0.5 submission's ``submission.py``
+    honours it or refused with an error naming the field and its value:
+
+    - ``one_minus_beta1``, ``one_minus_beta2``: β1 and β2; β2 serves both the
+      factors and the Adam/RMSprop grafting, as in the submission. A plain
+      ``beta2`` is read when ``one_minus_beta2`` is absent; both at once must agree.
+    - ``use_momentum``/``one_minus_momentum``: the EMA momentum of the final
+      direction, always with the Nesterov look-ahead (``use_nesterov=True``).
+    - ``use_nadam``: the NAdam look-ahead of the β1 filter.
+    - ``start_preconditioning_step`` −1 means ``precondition_frequency``; any
+      other value must be at least ``precondition_frequency``.
+    - ``grafting_type`` ADAM, RMSPROP, ADAGRAD, SGD or NONE;
+      ``use_normalized_grafting``; ``exponent_multiplier``; ``inv_root_override``
+      (an integer; the per-order list form is refused).
+    - ``communication_dtype`` must be FP32; ``communicate_params`` may be either.
+    - ``root_precision`` (ours, default float64) selects the eigh precision.
     """
 
     def get(name: str) -> Any:
         return lookup(hyperparameters, name, DEFAULT_HYPERPARAMETERS.get(name))
 
-    if lookup(hyperparameters, "one_minus_beta2", None) is None and (
-        lookup(hyperparameters, "beta2", None) is not None
-    ):
-        beta2 = float(lookup(hyperparameters, "beta2", None))
-    else:
-        beta2 = 1.0 - float(get("one_minus_beta2"))
-    grafting_type = str(get("grafting_type")).upper()
-    if grafting_type not in _GRAFTING_TYPES:
+    beta1 = 1.0 - _fraction("one_minus_beta1", get("one_minus_beta1"), upper_inclusive=True)
+    beta2 = _beta2(hyperparameters, get)
+    precondition_frequency = _integer("precondition_frequency", get("precondition_frequency"), 1)
+    start = _integer("start_preconditioning_step", get("start_preconditioning_step"), -1)
+    if start == -1:
+        start = precondition_frequency
+    elif start < precondition_frequency:
+        raise ShampooConfigError(
+            f"start_preconditioning_step={start!r} must be -1 or at least "
+            f"precondition_frequency={precondition_frequency!r}"
+        )
+    grafting_type = get("grafting_type")
+    if not isinstance(grafting_type, str) or grafting_type.upper() not in _GRAFTING_TYPES:
         raise ShampooConfigError(
             f"grafting_type={grafting_type!r} is not supported; expected one of "
             f"{sorted(_GRAFTING_TYPES)}"
         )
-    if float(get("exponent_multiplier")) != 1.0:
+    communication_dtype = get("communication_dtype")
+    if str(communication_dtype).upper() not in _COMMUNICATION_DTYPES:
         raise ShampooConfigError(
-            f"exponent_multiplier={get('exponent_multiplier')!r} is not supported; expected 1.0 "
-            "(use inv_root_override to change the root)"
+            f"communication_dtype={communication_dtype!r} is not supported; expected 'FP32' "
+            "(directions are exchanged in float32)"
         )
-    if bool(get("use_normalized_grafting")):
-        raise ShampooConfigError("use_normalized_grafting=True is not supported; expected False")
-    precondition_frequency = int(get("precondition_frequency"))
-    start = int(get("start_preconditioning_step"))
-    if start == -1:
-        start = precondition_frequency
-    momentum = 1.0 - float(get("one_minus_momentum")) if bool(get("use_momentum")) else 0.0
-    beta1 = 1.0 - float(get("one_minus_beta1"))
-    # One flag serves both look-aheads. The v0.5 submission always used
-    # Nesterov momentum and toggled NAdam with use_nadam; use_nadam only
-    # matters when β1 > 0, so β1 = 0 (its SGD point) keeps Nesterov momentum.
-    use_nesterov = bool(get("use_nadam")) if beta1 > 0.0 else True
+    use_momentum = _boolean("use_momentum", get("use_momentum"))
+    momentum = 0.0
+    if use_momentum:
+        momentum = 1.0 - _fraction("one_minus_momentum", get("one_minus_momentum"), lower_open=True)
+    _boolean("communicate_params", get("communicate_params"))
+    values = {
+        "epsilon": _positive("epsilon", get("epsilon")),
+        "grafting_epsilon": _positive("grafting_epsilon", get("grafting_epsilon")),
+        "exponent_multiplier": _positive("exponent_multiplier", get("exponent_multiplier")),
+        "weight_decay": _number("weight_decay", get("weight_decay"), minimum=0.0),
+    }
     return ShampooConfig(
-        max_preconditioner_dim=int(get("max_preconditioner_dim")),
+        max_preconditioner_dim=_integer("max_preconditioner_dim", get("max_preconditioner_dim"), 1),
         precondition_frequency=precondition_frequency,
         start_preconditioning_step=start,
         beta1=beta1,
+        use_nadam=_boolean("use_nadam", get("use_nadam")),
         beta2=beta2,
-        epsilon=float(get("epsilon")),
-        weight_decay=float(get("weight_decay")),
-        use_nesterov=use_nesterov,
+        epsilon=values["epsilon"],
+        weight_decay=values["weight_decay"],
         use_bias_correction=True,
-        grafting=_GRAFTING_TYPES[grafting_type],  # type: ignore[arg-type]
+        grafting=_GRAFTING_TYPES[grafting_type.upper()],  # type: ignore[arg-type]
         grafting_beta2=beta2,
-        grafting_epsilon=float(get("grafting_epsilon")),
-        inv_root_override=int(get("inv_root_override")),
-        preconditioning_dim_limit=int(
-            lookup(hyperparameters, "preconditioning_dim_limit", 1_000_000)
+        grafting_epsilon=values["grafting_epsilon"],
+        use_normalized_grafting=_boolean("use_normalized_grafting", get("use_normalized_grafting")),
+        inv_root_override=_integer("inv_root_override", get("inv_root_override"), 0),
+        exponent_multiplier=values["exponent_multiplier"],
+        preconditioning_dim_limit=_integer(
+            "preconditioning_dim_limit",
+            lookup(hyperparameters, "preconditioning_dim_limit", 1_000_000),
+            1,
         ),
         momentum=momentum,
+        use_nesterov=True,
+        root_precision=lookup(hyperparameters, "root_precision", "float64"),
     )
+
+
+def _beta2(hyperparameters: Any, get: Any) -> float:
+    given_one_minus = lookup(hyperparameters, "one_minus_beta2", None)
+    given_beta2 = lookup(hyperparameters, "beta2", None)
+    if given_beta2 is not None:
+        beta2 = _number("beta2", given_beta2)
+        if not 0.0 < beta2 <= 1.0:
+            raise ShampooConfigError(f"beta2={given_beta2!r} must lie in (0, 1] (1 sums)")
+        if (
+            given_one_minus is not None
+            and abs(1.0 - _number("one_minus_beta2", given_one_minus) - beta2) > 1e-12
+        ):
+            raise ShampooConfigError(
+                f"beta2={given_beta2!r} and one_minus_beta2={given_one_minus!r} disagree; "
+                "give one of them"
+            )
+        return beta2
+    return 1.0 - _fraction("one_minus_beta2", get("one_minus_beta2"))
+
+
+def _number(name: str, value: Any, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ShampooConfigError(f"{name}={value!r} must be a number")
+    if minimum is not None and value < minimum:
+        raise ShampooConfigError(f"{name}={value!r} must be >= {minimum}")
+    return float(value)
+
+
+def _positive(name: str, value: Any) -> float:
+    number = _number(name, value)
+    if not number > 0.0:
+        raise ShampooConfigError(f"{name}={value!r} must be > 0")
+    return number
+
+
+def _fraction(
+    name: str, value: Any, *, upper_inclusive: bool = False, lower_open: bool = False
+) -> float:
+    """A ``one_minus_*`` value: in [0, 1) by default; (0, 1] or [0, 1] as asked."""
+    number = _number(name, value)
+    low_ok = number > 0.0 if lower_open else number >= 0.0
+    high_ok = number <= 1.0 if (upper_inclusive or lower_open) else number < 1.0
+    if not (low_ok and high_ok):
+        low = "(0" if lower_open else "[0"
+        high = "1]" if (upper_inclusive or lower_open) else "1)"
+        raise ShampooConfigError(f"{name}={value!r} must lie in {low}, {high}")
+    return number
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    """An integer (an integral float such as 1024.0 is accepted, 2.7 is not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ShampooConfigError(f"{name}={value!r} must be an integer >= {minimum}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ShampooConfigError(f"{name}={value!r} must be an integer >= {minimum}")
+    if value < minimum:
+        raise ShampooConfigError(f"{name}={value!r} must be an integer >= {minimum}")
+    return int(value)
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | int) or value not in (0, 1):
+        raise ShampooConfigError(f"{name}={value!r} must be true or false")
+    return bool(value)

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -96,7 +97,9 @@ from polyak.optim.shampoo_blocking import (
     Block,
     ParameterPlan,
     assign_blocks,
+    merge_dims,
     plan_parameter,
+    split_dim,
 )
 from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
 from polyak.optim.shampoo_hyperparameters import (
@@ -115,6 +118,10 @@ _LOG = logging.getLogger(__name__)
 
 # Keeps the grafting ratio ‖a‖ / ‖p‖ finite when the Shampoo direction vanishes.
 _NORM_FLOOR = 1e-16
+# Graftings that keep a second moment of the gradient.
+_SECOND_MOMENT_GRAFTINGS = ("adam", "rmsprop", "adagrad")
+# The v0.5 submission's row-wise optimizer blocks its large parameters by this.
+_LARGE_PARAMETER_BLOCK = 524_288
 
 
 class ShampooStateError(ValueError):
@@ -199,7 +206,7 @@ class Shampoo(torch.optim.Optimizer):
         state["direction_fallbacks"] = 0
         if config.beta1 > 0.0:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if config.grafting == "adam":
+        if self._grafting_of(p) in _SECOND_MOMENT_GRAFTINGS:
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if config.momentum > 0.0:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -267,10 +274,15 @@ class Shampoo(torch.optim.Optimizer):
             self.state[p]["step"] += 1
             steps.append(self.state[p]["step"])
 
-        filtered = self._filtered_gradients(params, grads, steps)
-        grafted = self._grafted_directions(params, grads, filtered, steps)
         self._update_preconditioners(params, grads, steps, statistics_unsafe)
-        directions = self._shampoo_directions(params, filtered, grafted, steps)
+        denominators = self._update_grafting(params, grads, steps)
+        filtered = self._filtered_gradients(params, grads, steps)
+        grafted = _divide(filtered, denominators)
+        if self.config.use_normalized_grafting:
+            graft_norm_source = _divide(self._block_normalized(params, grads), denominators)
+        else:
+            graft_norm_source = grafted
+        directions = self._shampoo_directions(params, filtered, grafted, graft_norm_source, steps)
 
         weight_decay = group["weight_decay"]
         if weight_decay != 0.0:
@@ -278,9 +290,11 @@ class Shampoo(torch.optim.Optimizer):
         momentum = self.config.momentum
         if momentum > 0.0:
             buffers = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_lerp_(buffers, directions, 1.0 - momentum)
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, directions, alpha=1.0 - momentum)
             if self.config.use_nesterov:
-                directions = list(torch._foreach_lerp(directions, buffers, momentum))
+                directions = list(torch._foreach_mul(directions, 1.0 - momentum))
+                torch._foreach_add_(directions, buffers, alpha=momentum)
             else:
                 directions = buffers
         torch._foreach_add_(params, directions, alpha=-group["lr"])
@@ -341,42 +355,80 @@ class Shampoo(torch.optim.Optimizer):
         if beta1 == 0.0:
             return grads
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        if self.config.use_nesterov:
-            filtered = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
-        else:
-            filtered = exp_avgs
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        filtered = exp_avgs
+        if self.config.use_nadam:
+            filtered = list(torch._foreach_mul(exp_avgs, beta1))
+            torch._foreach_add_(filtered, grads, alpha=1.0 - beta1)
         if self.config.use_bias_correction:
             filtered = list(torch._foreach_div(filtered, [1.0 - beta1**t for t in steps]))
         return filtered
 
-    def _grafted_directions(
-        self,
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        filtered: list[torch.Tensor],
-        steps: list[int],
-    ) -> list[torch.Tensor]:
-        """The grafted method's direction; read-only like ``filtered``."""
+    def _grafting_of(self, p: torch.Tensor) -> str:
+        """Large (grafted-only) parameters always get Adam grafting, as in the v0.5 submission."""
+        if any(d >= self.config.preconditioning_dim_limit for d in p.shape):
+            return "adam"
+        return self.config.grafting
+
+    def _update_grafting(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], steps: list[int]
+    ) -> list[torch.Tensor | None]:
+        """Updates the grafted method's second moments; returns each parameter's denominator.
+
+        ``None`` for SGD (and no) grafting, whose direction is the filtered
+        gradient itself. Adam: √(v/(1−β2ᵗ)) + ε; RMSprop: √v + ε (EMA, no
+        correction); AdaGrad: √(Σg²) + ε.
+        """
         config = self.config
-        if config.grafting != "adam":
-            return filtered
-        beta2 = config.grafting_beta2
-        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        if config.use_bias_correction:
-            torch._foreach_div_(denominators, [math.sqrt(1.0 - beta2**t) for t in steps])
-        torch._foreach_add_(denominators, config.grafting_epsilon)
-        return list(torch._foreach_div(filtered, denominators))
+        sources = self._block_normalized(params, grads) if config.use_normalized_grafting else grads
+        denominators: list[torch.Tensor | None] = [None] * len(params)
+        for kind in _SECOND_MOMENT_GRAFTINGS:
+            members = [i for i, p in enumerate(params) if self._grafting_of(p) == kind]
+            if not members:
+                continue
+            beta2 = 1.0 if kind == "adagrad" else config.grafting_beta2
+            exp_avg_sqs = [self.state[params[i]]["exp_avg_sq"] for i in members]
+            chosen = [sources[i] for i in members]
+            if beta2 == 1.0:
+                torch._foreach_addcmul_(exp_avg_sqs, chosen, chosen, value=1.0)
+            else:
+                torch._foreach_mul_(exp_avg_sqs, beta2)
+                torch._foreach_addcmul_(exp_avg_sqs, chosen, chosen, value=1.0 - beta2)
+            if kind == "adam" and config.use_bias_correction and beta2 < 1.0:
+                corrected = torch._foreach_div(
+                    exp_avg_sqs, [1.0 - beta2 ** steps[i] for i in members]
+                )
+            else:
+                corrected = [v.clone() for v in exp_avg_sqs]
+            torch._foreach_sqrt_(corrected)
+            torch._foreach_add_(corrected, config.grafting_epsilon)
+            for i, denominator in zip(members, corrected, strict=True):
+                denominators[i] = denominator
+        return denominators
+
+    def _block_normalized(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Each block of each gradient divided by its norm (normalized grafting's input)."""
+        result = []
+        for p, grad in zip(params, grads, strict=True):
+            merged_shape, blocks = _grafting_blocks(p.shape, self.config)
+            normalized = torch.empty_like(grad).view(merged_shape)
+            source = grad.reshape(merged_shape)
+            for block in blocks:
+                piece = source[block]
+                normalized[block] = piece / (torch.linalg.vector_norm(piece) + _NORM_FLOOR)
+            result.append(normalized.view(p.shape))
+        return result
 
     def _preconditioning_starts(self) -> int:
         return max(self.config.start_preconditioning_step, 1)
 
     def _roots_due(self, step: int) -> bool:
         start = self._preconditioning_starts()
-        return step >= start and (step - start) % self.config.precondition_frequency == 0
+        frequency = self.config.precondition_frequency
+        return step == start or (step > start and step % frequency == 0)
 
     def _update_preconditioners(
         self,
@@ -411,8 +463,12 @@ class Shampoo(torch.optim.Optimizer):
         if config.use_bias_correction and config.beta2 < 1.0:
             correction = 1.0 - config.beta2**step
         root = config.inv_root_override or 2 * block.order
+        exponent = -config.exponent_multiplier / root
+        compute_dtype = torch.float64 if config.root_precision == "float64" else None
         for j, factor in enumerate(block_state["factors"]):
-            inverse_root = _inverse_root(factor / correction, root, config.epsilon)
+            inverse_root = _inverse_root(
+                factor / correction, exponent, config.epsilon, compute_dtype
+            )
             if inverse_root is None:
                 block_state["root_failures"] += 1
                 continue
@@ -424,6 +480,7 @@ class Shampoo(torch.optim.Optimizer):
         params: list[torch.Tensor],
         filtered: list[torch.Tensor],
         grafted: list[torch.Tensor],
+        graft_norm_source: list[torch.Tensor],
         steps: list[int],
     ) -> list[torch.Tensor]:
         """Per-block Shampoo directions grafted to the grafted method's block norms.
@@ -461,6 +518,7 @@ class Shampoo(torch.optim.Optimizer):
             view = segment.view(plan.merged_shape)
             momentum = filtered[i].reshape(plan.merged_shape)
             graft = grafted[i].reshape(plan.merged_shape)
+            graft_source = graft_norm_source[i].reshape(plan.merged_shape)
             for index in self._owned[p]:
                 block = plan.blocks[index]
                 block_state = self.state[p]["blocks"][index]
@@ -469,7 +527,7 @@ class Shampoo(torch.optim.Optimizer):
                     preconditioned.append(
                         _precondition(momentum[block.slices].to(dtype), block_state["roots"])
                     )
-                    graft_blocks.append(graft[block.slices])
+                    graft_blocks.append(graft_source[block.slices])
                 else:  # no good root yet: the grafted direction alone
                     view[block.slices] = graft[block.slices]
         if preconditioned and self.config.grafting != "none":
@@ -553,47 +611,83 @@ class Shampoo(torch.optim.Optimizer):
 
 
 def _accumulate_statistics(factors: list[torch.Tensor], block: torch.Tensor, beta2: float) -> None:
-    """Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ in place (Lᵢ ← Lᵢ + G₍ᵢ₎G₍ᵢ₎ᵀ when β2 = 1)."""
-    decay, weight = (beta2, 1.0 - beta2) if beta2 < 1.0 else (1.0, 1.0)
-    if block.dim() == 1:
-        factors[0].addr_(block, block, beta=decay, alpha=weight)
-    elif block.dim() == 2:
-        factors[0].addmm_(block, block.T, beta=decay, alpha=weight)
-        factors[1].addmm_(block.T, block, beta=decay, alpha=weight)
+    """Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ in place (Lᵢ ← Lᵢ + G₍ᵢ₎G₍ᵢ₎ᵀ when β2 = 1).
+
+    Scale, then add the contraction over every other mode: Distributed
+    Shampoo's order of operations, so float32 factors round alike.
+    """
+    modes = list(range(block.dim()))
+    if beta2 != 1.0:
+        torch._foreach_mul_(factors, beta2)
+    products = [
+        torch.tensordot(block, block, dims=([d for d in modes if d != i],) * 2)
+        for i in range(block.dim())
+    ]
+    torch._foreach_add_(factors, products, alpha=1.0 - beta2 if beta2 != 1.0 else 1.0)
+
+
+def _inverse_root(
+    matrix: torch.Tensor, exponent: float, epsilon: float, compute_dtype: torch.dtype | None
+) -> torch.Tensor | None:
+    """``(matrix + shift·I + ε·I)^exponent`` of a symmetric PSD matrix, or None if it cannot be had.
+
+    As in Distributed Shampoo, a negative smallest eigenvalue (round-off)
+    shifts the whole spectrum up to 0 before ε is added. ``compute_dtype``
+    None computes in the matrix's dtype and retries in float64 if that fails.
+    """
+    if compute_dtype is not None:
+        dtypes = [compute_dtype]
+    elif matrix.dtype == torch.float64:
+        dtypes = [torch.float64]
     else:
-        modes = list(range(block.dim()))
-        for i, factor in enumerate(factors):
-            others = [d for d in modes if d != i]
-            factor.mul_(decay).add_(
-                torch.tensordot(block, block, dims=(others, others)), alpha=weight
-            )
-
-
-def _inverse_root(matrix: torch.Tensor, root: int, epsilon: float) -> torch.Tensor | None:
-    """``matrix^(−1/root)`` of a symmetric PSD matrix, or None if it cannot be had."""
-    dtypes = [torch.float64] if matrix.dtype == torch.float64 else [matrix.dtype, torch.float64]
+        dtypes = [matrix.dtype, torch.float64]
     for dtype in dtypes:
         try:
             eigenvalues, eigenvectors = torch.linalg.eigh(matrix.to(dtype))
         except RuntimeError:  # torch.linalg.LinAlgError and friends
             continue
-        scales = eigenvalues.clamp(min=0.0).add(epsilon).pow(-1.0 / root)
-        result = (eigenvectors * scales) @ eigenvectors.T
+        eigenvalues = eigenvalues - eigenvalues.min().clamp(max=0.0)
+        scales = eigenvalues.add(epsilon).pow(exponent)
+        result = eigenvectors * scales.unsqueeze(0) @ eigenvectors.T
         if bool(torch.isfinite(result).all()):
             return result.to(matrix.dtype)
     return None
 
 
 def _precondition(block: torch.Tensor, roots: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``block ×₁ Q₁ ×₂ … ×ₖ Qₖ`` with symmetric Qᵢ."""
-    if block.dim() == 1:
-        return roots[0] @ block
-    if block.dim() == 2:
-        return roots[0] @ block @ roots[1]
+    """``block ×₁ Q₁ ×₂ … ×ₖ Qₖ`` with symmetric Qᵢ (each contraction moves the next mode first)."""
     result = block
-    for root in roots:  # each contraction moves the next mode to the front
+    for root in roots:
         result = torch.tensordot(result, root, dims=([0], [0]))
     return result
+
+
+def _divide(
+    numerators: list[torch.Tensor], denominators: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    return [n if d is None else n / d for n, d in zip(numerators, denominators, strict=True)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _grafting_blocks(
+    shape: tuple[int, ...], config: ShampooConfig
+) -> tuple[tuple[int, ...], tuple[tuple[slice, ...], ...]]:
+    """Merged shape and block slices over which normalized grafting takes its norms.
+
+    The Shampoo blocks for preconditioned parameters; for grafted-only ones
+    the v0.5 submission's row-wise optimizer blocks (max dimension 524,288),
+    and a single block for parameters of fewer than two elements.
+    """
+    plan = plan_parameter(shape, config)
+    if plan.preconditioned:
+        return plan.merged_shape, tuple(block.slices for block in plan.blocks)
+    numel = math.prod(shape)
+    if numel < 2 or not any(d >= config.preconditioning_dim_limit for d in shape):
+        return (numel,), ((slice(0, numel),),)
+    merged = merge_dims(shape, _LARGE_PARAMETER_BLOCK) or (numel,)
+    chunks = [split_dim(d, _LARGE_PARAMETER_BLOCK) for d in merged]
+    slices = tuple(tuple(slice(a, b) for a, b in ranges) for ranges in itertools.product(*chunks))
+    return merged, slices
 
 
 def _restore_dtypes(loaded: Any, saved: Any, device: torch.device) -> Any:
