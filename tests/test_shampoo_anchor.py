@@ -1,4 +1,6 @@
-"""Shampoo against the AlgoPerf v0.5 winner's recorded trajectories (tests/fixtures/shampoo_anchor.json).
+"""Shampoo against the AlgoPerf v0.5 winner's recorded trajectories.
+
+The numbers live in tests/fixtures/shampoo_anchor.json.
 
 The fixture holds, for each small problem of :mod:`shampoo_anchor_problems`
 and each point of ``tuning_search_spaces/shampoo.json`` (roots every 5 steps),
@@ -19,14 +21,12 @@ twin at 1e-5 with float64 roots (``jax_enable_x64``).
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
 import pytest
-import shampoo_anchor_problems as problems
-import torch
 
+import shampoo_anchor_problems as problems
 from polyak.optim import shampoo_torch
 
 TOLERANCE = 1e-4
