@@ -197,7 +197,15 @@ def main(argv: list[str]) -> None:
             float32 = _run(_load_submission(torch.float32), problem, parity)
             float64 = _run(_load_submission(torch.float64), problem, parity)
             drift = _drift(float32, float64)
-            runs[name].append({"point": index, **float32, "float64_drift": drift})
+            runs[name].append(
+                {
+                    "point": index,
+                    **float32,
+                    "float64_drift": drift,
+                    "float64_sketches": float64["sketches"],
+                    "float64_loss": float64["loss"],
+                }
+            )
             print(
                 f"{name} point {index}: {len(float32['loss'])} steps, loss "
                 f"{float32['loss'][0]:.4g} -> {float32['loss'][-1]:.4g}, "

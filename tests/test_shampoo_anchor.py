@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 import shampoo_anchor_problems as problems
 from polyak.optim import shampoo_torch
@@ -53,6 +54,43 @@ def run_torch(problem: problems.Problem, point: dict[str, Any], steps: int) -> d
         scheduler.step()
         losses.append(float(loss.detach()))
         sketches.append(problems.sketch(problem.name, named))
+    return {"loss": losses, "lr": rates, "sketches": sketches}
+
+
+def run_jax(problem: problems.Problem, point: dict[str, Any], steps: int) -> dict[str, Any]:
+    """polyak's JAX Shampoo on the same problem: torch computes the gradients at its parameters."""
+    import jax
+    import optax
+
+    from polyak.optim import shampoo_jax
+
+    model = problem.build()
+    named = dict(model.named_parameters())
+    params = {name: jax.numpy.asarray(p.detach().numpy()) for name, p in named.items()}
+    tx = shampoo_jax.make_shampoo(point, problems.STEP_HINT)
+    schedule = shampoo_jax.shampoo_schedule(point, problems.STEP_HINT)
+    state = tx.init(params)
+
+    @jax.jit
+    def update(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    sketches = [problems.sketch(problem.name, named)]
+    losses, rates = [], []
+    for step in range(steps):
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(torch.from_numpy(np.asarray(params[name])))
+        model.zero_grad()
+        loss = problem.loss(model, problem.batch(step))
+        loss.backward()
+        grads = {name: jax.numpy.asarray(p.grad.numpy()) for name, p in named.items()}
+        rates.append(float(schedule(step)))
+        params, state = update(grads, state, params)
+        losses.append(float(loss.detach()))
+        current = {name: torch.from_numpy(np.asarray(value)) for name, value in params.items()}
+        sketches.append(problems.sketch(problem.name, current))
     return {"loss": losses, "lr": rates, "sketches": sketches}
 
 

@@ -11,8 +11,8 @@ from typing import Literal
 
 Grafting = Literal["adam", "rmsprop", "adagrad", "sgd", "none"]
 GRAFTINGS: tuple[str, ...] = ("adam", "rmsprop", "adagrad", "sgd", "none")
-RootPrecision = Literal["float64", "float32"]
-ROOT_PRECISIONS: tuple[str, ...] = ("float64", "float32")
+PreconditionerPrecision = Literal["float64", "float32"]
+PRECONDITIONER_PRECISIONS: tuple[str, ...] = ("float64", "float32")
 
 
 class ShampooConfigError(ValueError):
@@ -65,12 +65,25 @@ class ShampooConfig:
     momentum: float = 0.0
     # Nesterov look-ahead of that momentum (the v0.5 submission always used it).
     use_nesterov: bool = True
-    # Precision of the eigendecomposition behind each inverse root. float64
-    # keeps the root's round-off (~1e-16·λmax) below epsilon; float32
-    # round-off (~1e-7·λmax) exceeds epsilon = 1e-8 on every factor with
-    # λmax > 0.1 that is rank-deficient, as every factor wider than the
-    # number of updates so far is, and then round-off decides the step.
-    root_precision: RootPrecision = "float64"
+    # Precision of the factor statistics (their accumulation included) and of
+    # the eigendecomposition behind each inverse root; the roots themselves
+    # and the preconditioned directions stay in the parameter's precision.
+    # A rank-deficient factor (every factor wider than the number of updates
+    # so far) has eigenvalues that are exactly 0 in exact arithmetic; float32
+    # accumulation and eigh turn them into round-off of ~1e-7·λmax, which
+    # exceeds epsilon = 1e-8 as soon as λmax > 0.1, and then round-off rather
+    # than the gradients decides the step. float64 keeps it at ~1e-16·λmax.
+    # The v0.5 submission used float32 (its preconditioner_dtype).
+    preconditioner_precision: PreconditionerPrecision = "float64"
+    # Largest condition number of an inverse root: the eigenvalue floor is
+    # max(epsilon, λmax·max_root_condition^(1/exponent)), so no direction is
+    # amplified more than this many times the top eigendirection. On a
+    # rank-deficient factor the root with epsilon alone amplifies the null
+    # space by (λmax/ε)^(1/root), 1e4–1e5 for vectors, so the float32
+    # round-off of the filtered gradient (~6e-8) outside the span of past
+    # gradients would move the step by ~1e-3; capped at 100, by < 1e-5.
+    # 0 disables the cap (Distributed Shampoo's behaviour).
+    max_root_condition: float = 100.0
 
     def __post_init__(self) -> None:
         _positive_int("max_preconditioner_dim", self.max_preconditioner_dim)
@@ -105,10 +118,17 @@ class ShampooConfig:
             raise ShampooConfigError(
                 f"exponent_multiplier={self.exponent_multiplier!r} must be a number > 0"
             )
-        if self.root_precision not in ROOT_PRECISIONS:
+        if not (
+            isinstance(self.max_root_condition, float | int)
+            and (self.max_root_condition == 0 or self.max_root_condition > 1)
+        ):
             raise ShampooConfigError(
-                f"root_precision={self.root_precision!r} is unknown; expected one of "
-                f"{ROOT_PRECISIONS}"
+                f"max_root_condition={self.max_root_condition!r} must be 0 (no cap) or > 1"
+            )
+        if self.preconditioner_precision not in PRECONDITIONER_PRECISIONS:
+            raise ShampooConfigError(
+                f"preconditioner_precision={self.preconditioner_precision!r} is unknown; "
+                f"expected one of {PRECONDITIONER_PRECISIONS}"
             )
         if not self.epsilon > 0.0:
             raise ShampooConfigError(f"epsilon={self.epsilon!r} must be > 0")

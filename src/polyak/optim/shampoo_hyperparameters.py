@@ -73,7 +73,8 @@ def shampoo_config_from_hyperparameters(hyperparameters: Any) -> ShampooConfig:
       ``use_normalized_grafting``; ``exponent_multiplier``; ``inv_root_override``
       (an integer; the per-order list form is refused).
     - ``communication_dtype`` must be FP32; ``communicate_params`` may be either.
-    - ``root_precision`` (ours, default float64) selects the eigh precision.
+    - ours: ``preconditioner_precision`` (float64) and ``max_root_condition``
+      (100; 0 for Distributed Shampoo's uncapped roots), see ShampooConfig.
     """
 
     def get(name: str) -> Any:
@@ -136,7 +137,10 @@ def shampoo_config_from_hyperparameters(hyperparameters: Any) -> ShampooConfig:
         ),
         momentum=momentum,
         use_nesterov=True,
-        root_precision=lookup(hyperparameters, "root_precision", "float64"),
+        preconditioner_precision=lookup(hyperparameters, "preconditioner_precision", "float64"),
+        max_root_condition=_number(
+            "max_root_condition", lookup(hyperparameters, "max_root_condition", 100.0)
+        ),
     )
 
 

@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -97,9 +96,8 @@ from polyak.optim.shampoo_blocking import (
     Block,
     ParameterPlan,
     assign_blocks,
-    merge_dims,
+    grafting_blocks,
     plan_parameter,
-    split_dim,
 )
 from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
 from polyak.optim.shampoo_hyperparameters import (
@@ -120,8 +118,6 @@ _LOG = logging.getLogger(__name__)
 _NORM_FLOOR = 1e-16
 # Graftings that keep a second moment of the gradient.
 _SECOND_MOMENT_GRAFTINGS = ("adam", "rmsprop", "adagrad")
-# The v0.5 submission's row-wise optimizer blocks its large parameters by this.
-_LARGE_PARAMETER_BLOCK = 524_288
 
 
 class ShampooStateError(ValueError):
@@ -184,13 +180,19 @@ class Shampoo(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _factor_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """Statistics and eigh: float64 when so configured (or for float64 parameters)."""
+        if self.config.preconditioner_precision == "float64" or p.dtype == torch.float64:
+            return torch.float64
+        return torch.float32
+
+    def _root_dtype(self, p: torch.Tensor) -> torch.dtype:
         return torch.float64 if p.dtype == torch.float64 else torch.float32
 
     def _new_block_state(self, p: torch.Tensor, block: Block) -> dict[str, Any]:
-        dtype = self._factor_dtype(p)
+        factor_dtype, root_dtype = self._factor_dtype(p), self._root_dtype(p)
         return {
-            "factors": [torch.zeros(d, d, dtype=dtype, device=p.device) for d in block.dims],
-            "roots": [torch.zeros(d, d, dtype=dtype, device=p.device) for d in block.dims],
+            "factors": [torch.zeros(d, d, dtype=factor_dtype, device=p.device) for d in block.dims],
+            "roots": [torch.zeros(d, d, dtype=root_dtype, device=p.device) for d in block.dims],
             "root_ok": [False] * block.order,
             "root_failures": 0,
             "skipped_statistics": 0,
@@ -413,7 +415,7 @@ class Shampoo(torch.optim.Optimizer):
         """Each block of each gradient divided by its norm (normalized grafting's input)."""
         result = []
         for p, grad in zip(params, grads, strict=True):
-            merged_shape, blocks = _grafting_blocks(p.shape, self.config)
+            merged_shape, blocks = grafting_blocks(tuple(p.shape), self.config)
             normalized = torch.empty_like(grad).view(merged_shape)
             source = grad.reshape(merged_shape)
             for block in blocks:
@@ -464,10 +466,9 @@ class Shampoo(torch.optim.Optimizer):
             correction = 1.0 - config.beta2**step
         root = config.inv_root_override or 2 * block.order
         exponent = -config.exponent_multiplier / root
-        compute_dtype = torch.float64 if config.root_precision == "float64" else None
         for j, factor in enumerate(block_state["factors"]):
             inverse_root = _inverse_root(
-                factor / correction, exponent, config.epsilon, compute_dtype
+                factor / correction, exponent, config.epsilon, config.max_root_condition
             )
             if inverse_root is None:
                 block_state["root_failures"] += 1
@@ -514,7 +515,7 @@ class Shampoo(torch.optim.Optimizer):
         for i, segment in zip(active, segments, strict=True):
             p = params[i]
             plan = self._plans[p]
-            dtype = self._factor_dtype(p)
+            dtype = self._root_dtype(p)
             view = segment.view(plan.merged_shape)
             momentum = filtered[i].reshape(plan.merged_shape)
             graft = grafted[i].reshape(plan.merged_shape)
@@ -627,30 +628,29 @@ def _accumulate_statistics(factors: list[torch.Tensor], block: torch.Tensor, bet
 
 
 def _inverse_root(
-    matrix: torch.Tensor, exponent: float, epsilon: float, compute_dtype: torch.dtype | None
+    matrix: torch.Tensor, exponent: float, epsilon: float, max_condition: float
 ) -> torch.Tensor | None:
-    """``(matrix + shift·I + ε·I)^exponent`` of a symmetric PSD matrix, or None if it cannot be had.
+    """``(matrix + shift·I + ε'·I)^exponent`` of a symmetric PSD matrix, or None on failure.
 
     As in Distributed Shampoo, a negative smallest eigenvalue (round-off)
-    shifts the whole spectrum up to 0 before ε is added. ``compute_dtype``
-    None computes in the matrix's dtype and retries in float64 if that fails.
+    shifts the whole spectrum up to 0 first. ``ε' = max(ε, λmax·c^(1/exponent))``
+    caps the root's condition number at ``c = max_condition`` (0: ``ε' = ε``).
+    A float32 matrix is retried in float64 if its eigh fails.
     """
-    if compute_dtype is not None:
-        dtypes = [compute_dtype]
-    elif matrix.dtype == torch.float64:
-        dtypes = [torch.float64]
-    else:
-        dtypes = [matrix.dtype, torch.float64]
+    dtypes = [torch.float64] if matrix.dtype == torch.float64 else [matrix.dtype, torch.float64]
     for dtype in dtypes:
         try:
             eigenvalues, eigenvectors = torch.linalg.eigh(matrix.to(dtype))
         except RuntimeError:  # torch.linalg.LinAlgError and friends
             continue
         eigenvalues = eigenvalues - eigenvalues.min().clamp(max=0.0)
-        scales = eigenvalues.add(epsilon).pow(exponent)
+        floor = epsilon
+        if max_condition > 0:
+            floor = max(epsilon, float(eigenvalues.max()) * max_condition ** (1.0 / exponent))
+        scales = eigenvalues.add(floor).pow(exponent)
         result = eigenvectors * scales.unsqueeze(0) @ eigenvectors.T
         if bool(torch.isfinite(result).all()):
-            return result.to(matrix.dtype)
+            return result
     return None
 
 
@@ -666,28 +666,6 @@ def _divide(
     numerators: list[torch.Tensor], denominators: list[torch.Tensor | None]
 ) -> list[torch.Tensor]:
     return [n if d is None else n / d for n, d in zip(numerators, denominators, strict=True)]
-
-
-@functools.lru_cache(maxsize=4096)
-def _grafting_blocks(
-    shape: tuple[int, ...], config: ShampooConfig
-) -> tuple[tuple[int, ...], tuple[tuple[slice, ...], ...]]:
-    """Merged shape and block slices over which normalized grafting takes its norms.
-
-    The Shampoo blocks for preconditioned parameters; for grafted-only ones
-    the v0.5 submission's row-wise optimizer blocks (max dimension 524,288),
-    and a single block for parameters of fewer than two elements.
-    """
-    plan = plan_parameter(shape, config)
-    if plan.preconditioned:
-        return plan.merged_shape, tuple(block.slices for block in plan.blocks)
-    numel = math.prod(shape)
-    if numel < 2 or not any(d >= config.preconditioning_dim_limit for d in shape):
-        return (numel,), ((slice(0, numel),),)
-    merged = merge_dims(shape, _LARGE_PARAMETER_BLOCK) or (numel,)
-    chunks = [split_dim(d, _LARGE_PARAMETER_BLOCK) for d in merged]
-    slices = tuple(tuple(slice(a, b) for a, b in ranges) for ranges in itertools.product(*chunks))
-    return merged, slices
 
 
 def _restore_dtypes(loaded: Any, saved: Any, device: torch.device) -> Any:
