@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from polyak.hyperparameters import lookup
 from polyak.optim.nadamw_jax import warmup_cosine_schedule
@@ -81,6 +82,7 @@ __all__ = [
     "shampoo_config_from_hyperparameters",
     "shampoo_schedule",
     "skip_unusable_steps",
+    "training_metrics",
 ]
 
 # Keeps the grafting ratio ‖a‖ / ‖p‖ finite when the Shampoo direction vanishes.
@@ -757,6 +759,51 @@ def skip_unusable_steps(inner: optax.GradientTransformation) -> optax.GradientTr
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+METRICS_PREFIX = "shampoo/"
+SKIPPED_WARNING_SECONDS = 60
+
+
+def training_metrics(opt_state: optax.OptState) -> dict[str, int]:
+    """Counters for the training log (``shampoo/…``), read from the host; warns on skips.
+
+    Reads (and so waits for) the counters of every Shampoo state in
+    ``opt_state``: call it at the logging cadence, as the builders read the
+    averager's counters. A positive ``skipped_steps`` logs a warning, at most
+    once a minute.
+    """
+    totals = dict.fromkeys(
+        ("skipped_steps", "root_failures", "direction_fallbacks", "skipped_statistics"), 0
+    )
+    for node in _shampoo_states(opt_state):
+        if isinstance(node, SkipUnusableStepsState):
+            totals["skipped_steps"] += int(node.skipped_steps)
+        else:
+            totals["root_failures"] += int(node.root_failures)
+            totals["direction_fallbacks"] += int(node.direction_fallbacks)
+            totals["skipped_statistics"] += int(node.skipped_statistics)
+    if totals["skipped_steps"] > 0:
+        logging.log_every_n_seconds(
+            logging.WARNING,
+            "Shampoo: %d step(s) had a non-finite or overflowing gradient and were skipped",
+            SKIPPED_WARNING_SECONDS,
+            totals["skipped_steps"],
+        )
+    return {f"{METRICS_PREFIX}{name}": value for name, value in totals.items()}
+
+
+def _shampoo_states(node: Any) -> list[Any]:
+    """Every SkipUnusableStepsState and ScaleByShampooState in an optax state tree."""
+    if isinstance(node, SkipUnusableStepsState):
+        return [node, *_shampoo_states(node.inner_state)]
+    if isinstance(node, ScaleByShampooState):
+        return [node]
+    if isinstance(node, tuple | list):
+        return [found for child in node for found in _shampoo_states(child)]
+    if isinstance(node, dict):
+        return [found for child in node.values() for found in _shampoo_states(child)]
+    return []
 
 
 def shampoo(

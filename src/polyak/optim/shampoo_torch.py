@@ -84,6 +84,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from absl import logging as absl_logging
 
 from polyak.distributed_torch import rank_and_world
 from polyak.hyperparameters import lookup
@@ -118,6 +119,22 @@ _LOG = logging.getLogger(__name__)
 _NORM_FLOOR = 1e-16
 # Graftings that keep a second moment of the gradient.
 _SECOND_MOMENT_GRAFTINGS = ("adam", "rmsprop", "adagrad")
+
+
+METRICS_PREFIX = "shampoo/"
+SKIPPED_WARNING_SECONDS = 60
+
+
+def warn_skipped_steps(total: int, now: int) -> None:
+    """Logs that gradients were unusable and their updates skipped (at most once a minute)."""
+    absl_logging.log_every_n_seconds(
+        absl_logging.WARNING,
+        "Shampoo: %d parameter(s) had a non-finite or overflowing gradient and were not "
+        "updated this step (%d parameter-step(s) skipped so far)",
+        SKIPPED_WARNING_SECONDS,
+        now,
+        total,
+    )
 
 
 class ShampooStateError(ValueError):
@@ -347,6 +364,10 @@ class Shampoo(torch.optim.Optimizer):
                 kept_grads.append(g)
             else:
                 self.state[p]["skipped_steps"] += 1
+        warn_skipped_steps(
+            sum(self.state[p].get("skipped_steps", 0) for p in self._all_params()),
+            len(params) - len(kept_params),
+        )
         return kept_params, kept_grads, unsafe
 
     def _filtered_gradients(
@@ -584,6 +605,19 @@ class Shampoo(torch.optim.Optimizer):
                 state_dict.get("shampoo", {}).get("rank", "?"),
                 state_dict.get("shampoo", {}).get("world_size", "?"),
             )
+
+    def metrics(self) -> dict[str, float]:
+        """Counters for the training log (``shampoo/…``), as the averager reports its skips."""
+        counters = self.diagnostics()
+        return {
+            f"{METRICS_PREFIX}{name}": float(counters[name])
+            for name in (
+                "skipped_steps",
+                "root_failures",
+                "direction_fallbacks",
+                "skipped_statistics",
+            )
+        }
 
     def diagnostics(self) -> dict[str, int]:
         """Counters of this rank (root failures, skipped statistics and steps, memory)."""
