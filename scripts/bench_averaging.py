@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import statistics
 import time
 import types
@@ -52,9 +51,11 @@ import torch
 from absl import app, flags, logging
 from torch import nn
 
-from polyak.algoperf.torch_builder import build_submission
+from polyak.algoperf.builder_torch import build_submission
+from polyak.averaging.averager_torch import TorchAverager
 from polyak.averaging.config import AveragingConfig
-from polyak.averaging.torch_backend import TorchAverager
+from polyak.optim.nadamw_config import NadamWConfig
+from polyak.optim.nadamw_torch import make_nadamw
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 5, "Interleaved rounds of (a) on the embedded workload.")
@@ -138,21 +139,6 @@ class BigMLPWorkload:
             yield from fixed
 
 
-def _optimizer_factory() -> tuple[Callable[..., Any], dict[str, Any], str]:
-    try:
-        nadamw = importlib.import_module("polyak.optim.nadamw_torch")
-        return nadamw.make_nadamw, dict(nadamw.DEFAULT_HYPERPARAMETERS), "polyak NadamW"
-    except ImportError:
-
-        def make_adamw(params, hyperparameters, step_hint):
-            del step_hint
-            optimizer = torch.optim.AdamW(params, lr=hyperparameters.learning_rate, foreach=True)
-            return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-        defaults = {"learning_rate": 1e-3, "dropout_rate": 0.0, "label_smoothing": 0.0}
-        return make_adamw, defaults, "torch AdamW (polyak NadamW not importable)"
-
-
 # -- (a) step time -----------------------------------------------------------------
 
 
@@ -188,8 +174,8 @@ class _Trainer:
 
 
 def _trainers(workload: Any, batches: Callable[[], Iterator[Any]]) -> list[_Trainer]:
-    make, defaults, _ = _optimizer_factory()
-    submission = build_submission(make, defaults)
+    submission = build_submission(make_nadamw, NadamWConfig)
+    defaults = NadamWConfig.DEFAULT_HYPERPARAMETERS
     model, model_state = workload.init_model_fn(0)
     trainers = []
     for name, settings in VARIANTS.items():
@@ -414,7 +400,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     torch.set_num_threads(FLAGS.threads)
     torch.manual_seed(0)
-    _, _, optimizer_name = _optimizer_factory()
+    optimizer_name = "polyak NadamW"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; optimizer: {optimizer_name}"

@@ -66,7 +66,9 @@ def main(argv: list[str]) -> None:
     import numpy as np
     import optax
 
+    from polyak.optim.nadamw_config import NadamWConfig
     from polyak.optim.nadamw_jax import make_nadamw
+    from polyak.optim.shampoo_config import ShampooConfig
     from polyak.optim.shampoo_jax import make_shampoo
 
     step_hint = 10_000
@@ -89,8 +91,11 @@ def main(argv: list[str]) -> None:
         return jnp.mean((hidden - targets) ** 2)
 
     optimizers = {
-        "nadamw": make_nadamw(None, step_hint),
-        "shampoo": make_shampoo({"precondition_frequency": _FREQUENCY.value}, step_hint),
+        "nadamw": make_nadamw(NadamWConfig.from_hyperparameters(None), step_hint),
+        "shampoo": make_shampoo(
+            ShampooConfig.from_hyperparameters({"precondition_frequency": _FREQUENCY.value}),
+            step_hint,
+        ),
     }
 
     def compiled_steps(tx: optax.GradientTransformation) -> tuple[Callable, Callable, Any]:

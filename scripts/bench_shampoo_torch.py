@@ -95,6 +95,7 @@ def shampoo_config() -> ShampooConfig:
 
 def nadamw_factory() -> tuple[str, OptimizerFactory]:
     try:
+        from polyak.optim.nadamw_config import NadamWConfig
         from polyak.optim.nadamw_torch import make_nadamw
     except ImportError:
         return "torch AdamW (polyak NadamW missing)", lambda params: torch.optim.AdamW(
@@ -107,7 +108,7 @@ def nadamw_factory() -> tuple[str, OptimizerFactory]:
         "weight_decay": 0.1,
         "warmup_factor": 0.0,
     }
-    return "polyak NadamW", lambda params: make_nadamw(params, hp, 10**6)[0]
+    return "polyak NadamW", lambda params: make_nadamw(params, NadamWConfig(**hp), 10**6)[0]
 
 
 def scalable_shampoo_factory() -> OptimizerFactory | None:

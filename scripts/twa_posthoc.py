@@ -35,7 +35,7 @@ from absl import app, flags
 
 from polyak.algoperf import spec
 from polyak.algoperf.batch_sizes import get_batch_size
-from polyak.averaging.twa import TWAConfig, TWAResult, fit_twa
+from polyak.averaging.twa_torch import TWAConfig, TWAResult, fit_twa
 from polyak.files import atomic_write_bytes
 from polyak.workloads import prng
 from polyak.workloads.registry import EMBEDDED_WORKLOADS, make_workload
@@ -82,6 +82,7 @@ def _batch_norm_forward(workload: spec.Workload):
 
 def train_and_save(workload: spec.Workload, directory: Path) -> None:
     """Trains NadamW for --train_steps and saves ``step_<n>.pt`` every --save_every steps."""
+    from polyak.optim.nadamw_config import NadamWConfig
     from polyak.optim.nadamw_torch import make_nadamw
 
     with open(FLAGS.search_space, encoding="utf-8") as file:
@@ -90,7 +91,9 @@ def train_and_save(workload: spec.Workload, directory: Path) -> None:
     key = prng.prng_key(FLAGS.seed)
     data_rng, model_rng = prng.split(key, 2)
     model, _ = workload.init_model_fn(model_rng)
-    optimizer, scheduler = make_nadamw(model.parameters(), hyperparameters, step_hint)
+    optimizer, scheduler = make_nadamw(
+        model.parameters(), NadamWConfig.from_hyperparameters(hyperparameters), step_hint
+    )
     queue = workload._build_input_queue(
         data_rng, "train", None, get_batch_size(workload.workload_name)
     )

@@ -25,9 +25,9 @@ STEPS = 4
 FORBIDDEN = (
     "polyak.optim",
     "polyak.averaging",
-    "polyak.algoperf.torch_builder",
-    "polyak.algoperf.jax_builder",
-    "polyak.algoperf.defaults",
+    "polyak.algoperf.builder_torch",
+    "polyak.algoperf.builder_jax",
+    "polyak.algoperf.trial_config",
 )
 
 

@@ -6,12 +6,15 @@ frameworks, and plain SGD factories with the optimizer-factory signatures.
 
 from __future__ import annotations
 
+import dataclasses
 import types
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
 from polyak.algoperf import spec
+from polyak.hyperparameters import lookup
 
 IN_DIM, OUT_DIM, BATCH = 5, 3, 16
 STEP_HINT = 40
@@ -117,23 +120,41 @@ class JaxLinearWorkload:
         }
 
 
-SGD_DEFAULTS = {"learning_rate": 0.05, "dropout_rate": 0.0, "label_smoothing": 0.0}
+@dataclasses.dataclass(frozen=True)
+class SGDConfig:
+    """The optimizer-config protocol of the builders, for plain SGD."""
+
+    learning_rate: float = 0.05
+
+    DEFAULT_HYPERPARAMETERS: ClassVar[Mapping[str, Any]] = {
+        "learning_rate": 0.05,
+        "dropout_rate": 0.0,
+        "label_smoothing": 0.0,
+    }
+    HYPERPARAMETER_NAMES: ClassVar[frozenset[str]] = frozenset({"learning_rate"})
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: Any) -> SGDConfig:
+        return cls(float(lookup(hyperparameters, "learning_rate", 0.05)))
 
 
-def make_torch_sgd(params: Any, hyperparameters: Any, step_hint: int) -> Any:
+SGD_DEFAULTS = SGDConfig.DEFAULT_HYPERPARAMETERS
+
+
+def make_torch_sgd(params: Any, config: SGDConfig, step_hint: int) -> Any:
     import torch
 
     del step_hint
-    optimizer = torch.optim.SGD(params, lr=hyperparameters.learning_rate, momentum=0.9)
+    optimizer = torch.optim.SGD(params, lr=config.learning_rate, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda count: 1.0 / (1 + 0.01 * count))
     return optimizer, scheduler
 
 
-def make_jax_sgd(hyperparameters: Any, step_hint: int) -> Any:
+def make_jax_sgd(config: SGDConfig, step_hint: int) -> Any:
     import optax
 
     del step_hint
-    return optax.sgd(lambda count: hyperparameters.learning_rate / (1 + 0.01 * count), momentum=0.9)
+    return optax.sgd(lambda count: config.learning_rate / (1 + 0.01 * count), momentum=0.9)
 
 
 def hparams(**kwargs: Any) -> types.SimpleNamespace:

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polyak.averaging.config import AveragingConfig, AveragingError, default_every
+from polyak.algoperf.trial_config import TrainingConfig, TrainingConfigError
+from polyak.averaging.config import AveragingConfig, AveragingError, TWAConfig, default_every
+from polyak.hyperparameters import (
+    STRICT_ENV_VAR,
+    UnknownHyperparameterError,
+    UnknownHyperparameterWarning,
+    check_names,
+)
 
 
 @pytest.mark.parametrize(
@@ -67,3 +74,56 @@ def test_collection_rule(every: int, start_frac: float, step_hint: int, step: in
     expected = step >= start_frac * step_hint and step % every == 0
     assert config.should_collect(step) == expected
     assert not AveragingConfig(mode="none").should_collect(step)
+
+
+# A value other than the default for every name of the tables, and the field it
+# must land in (read back through the nested TWA config).
+NON_DEFAULT_POINT = {
+    "averaging": "twa",
+    "averaging_every": 7,
+    "lawa_window": 5,
+    "ema_beta": 0.5,
+    "averaging_start_frac": 0.25,
+    "averaging_buffers": "live",
+    "averaging_placement": "host",
+    "twa_steps": 3,
+    "twa_batches": 2,
+    "twa_lr": 0.3,
+    "twa_layerwise": 2,
+    "twa_recompute_bn": False,
+}
+
+
+def test_every_name_is_read_into_its_field() -> None:
+    config = AveragingConfig.from_hyperparameters(NON_DEFAULT_POINT, step_hint=1000)
+    assert set(NON_DEFAULT_POINT) == AveragingConfig.HYPERPARAMETER_NAMES
+    tables = {**AveragingConfig.HYPERPARAMETERS, **TWAConfig.HYPERPARAMETERS}
+    for name, value in NON_DEFAULT_POINT.items():
+        holder = config.twa if name in TWAConfig.HYPERPARAMETERS else config
+        assert getattr(holder, tables[name]) == value, name
+    assert AveragingConfig.from_dict(config.to_dict()) == config
+
+
+def test_missing_twa_names_take_the_field_defaults() -> None:
+    config = AveragingConfig.from_hyperparameters({"averaging": "twa"}, step_hint=1000)
+    assert config.twa == TWAConfig()
+
+
+def test_training_config_reads_the_optimizer_defaults_and_validates() -> None:
+    defaults = {"label_smoothing": 0.1, "dropout_rate": 0.2}
+    config = TrainingConfig.from_hyperparameters({"dropout_rate": 0.3}, defaults)
+    assert (config.label_smoothing, config.dropout_rate, config.grad_clip) == (0.1, 0.3, None)
+    with pytest.raises(TrainingConfigError, match=r"grad_clip=-1\.0"):
+        TrainingConfig.from_hyperparameters({"grad_clip": -1.0}, defaults)
+    with pytest.raises(TrainingConfigError, match=r"dropout_rate=1\.5"):
+        TrainingConfig.from_hyperparameters({"dropout_rate": 1.5}, defaults)
+
+
+def test_check_names_names_the_unknown_and_the_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(STRICT_ENV_VAR, raising=False)
+    with pytest.warns(UnknownHyperparameterWarning, match=r"\['lawa_windw'\].*'lawa_window'"):
+        check_names({"lawa_windw": 4, "lawa_window": 4}, ["lawa_window"])
+    check_names(None, ["lawa_window"])  # self-tuning: nothing to check
+    monkeypatch.setenv(STRICT_ENV_VAR, "1")
+    with pytest.raises(UnknownHyperparameterError, match="lawa_windw"):
+        check_names(types.SimpleNamespace(lawa_windw=4), ["lawa_window"])

@@ -21,20 +21,20 @@ import torch
 from torch import nn
 
 from fakes import (
-    SGD_DEFAULTS,
     JaxLinearWorkload,
+    SGDConfig,
     TorchLinearWorkload,
     batches,
     hparams,
     make_jax_sgd,
     make_torch_sgd,
 )
-from polyak.algoperf import jax_builder, torch_builder
-from polyak.algoperf.defaults import self_tuning_placement
-from polyak.averaging import jax_backend, memory, monitoring, torch_backend
+from polyak.algoperf import builder_jax, builder_torch
+from polyak.algoperf.trial_config import self_tuning_placement
+from polyak.averaging import footprint, lawa_ema_jax, lawa_ema_torch, metrics, placements_jax
+from polyak.averaging.averager_torch import TorchAverager
 from polyak.averaging.config import AveragingConfig
-from polyak.averaging.memory import AveragingMemoryError
-from polyak.averaging.torch_backend import TorchAverager
+from polyak.averaging.footprint import AveragingMemoryError
 
 PLACEMENTS = ["device", "host", "sharded"]
 CONFIGS = {
@@ -150,7 +150,7 @@ def test_nan_at_a_collection_step_is_left_out(
     placement: str, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     warnings = []
-    monkeypatch.setattr(monitoring, "warn_nonfinite", warnings.append)
+    monkeypatch.setattr(metrics, "warn_nonfinite", warnings.append)
     poisoned, model = _run(placement, nan_at=6, **CONFIGS[mode])
     clean, _ = _run("device", nan_at=6, skip=6, **CONFIGS[mode])
     assert poisoned.num_skipped_nonfinite == 1
@@ -165,13 +165,13 @@ def test_nan_at_a_collection_step_is_left_out(
 
 def test_a_swap_right_after_a_collection_sees_it(monkeypatch: pytest.MonkeyPatch) -> None:
     # A slow fold: without the join, the swap would read the previous state.
-    fold = torch_backend._fold
+    fold = lawa_ema_torch.fold
 
     def slow_fold(*args, **kwargs) -> None:
         time.sleep(0.15)
         fold(*args, **kwargs)
 
-    monkeypatch.setattr(torch_backend, "_fold", slow_fold)
+    monkeypatch.setattr(lawa_ema_torch, "fold", slow_fold)
     config = AveragingConfig(mode="ema", every=1, beta=0.5, placement="host")
     model = nn.Linear(2, 2, bias=False)
     averager = TorchAverager(config, model)
@@ -189,8 +189,8 @@ def test_a_swap_right_after_a_collection_sees_it(monkeypatch: pytest.MonkeyPatch
 
 
 def test_state_dict_joins_the_background_fold(monkeypatch: pytest.MonkeyPatch) -> None:
-    fold = torch_backend._fold
-    monkeypatch.setattr(torch_backend, "_fold", lambda *a, **k: (time.sleep(0.15), fold(*a, **k)))
+    fold = lawa_ema_torch.fold
+    monkeypatch.setattr(lawa_ema_torch, "fold", lambda *a, **k: (time.sleep(0.15), fold(*a, **k)))
     averager, _ = _run("host", steps=4, mode="lawa", every=1, window=2)
     reference, _ = _run("device", steps=4, mode="lawa", every=1, window=2)
     state = averager.state_dict()
@@ -232,13 +232,13 @@ def test_checkpoints_move_between_placements(saved_in: str, loaded_in: str) -> N
 def test_state_that_does_not_fit_fails_at_init(
     placement: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(memory, "available_host_bytes", lambda: 1000)
+    monkeypatch.setattr(footprint, "available_host_bytes", lambda: 1000)
     model = nn.Linear(100, 100)  # 10,100 weights: 40 kB; L = 20 needs ~850 kB
     config = AveragingConfig(mode="lawa", window=20, placement=placement)
     with pytest.raises(AveragingMemoryError, match=r"lawa_window=20.*only 0\.00 GiB"):
         TorchAverager(config, model)
-    roomy = 10 * memory.footprint(config, 10_100, 40_400, staging=True).total
-    monkeypatch.setattr(memory, "available_host_bytes", lambda: roomy)
+    roomy = 10 * footprint.estimate(config, 10_100, 40_400, staging=True).total
+    monkeypatch.setattr(footprint, "available_host_bytes", lambda: roomy)
     TorchAverager(config, model)
 
 
@@ -246,25 +246,25 @@ def test_footprint_counts_window_accumulator_and_shards() -> None:
     lawa = AveragingConfig(mode="lawa", window=20)
     # Criteo's embedding: 2.1 GB of fp32.
     weights = 525_000_000
-    replicated = memory.footprint(lawa, weights, 4 * weights, stash=False)
+    replicated = footprint.estimate(lawa, weights, 4 * weights, stash=False)
     assert replicated.window == 20 * 4 * weights
     assert replicated.accumulator == 4 * weights
-    sharded = memory.footprint(lawa, weights, 4 * weights, stash=False, world=8)
+    sharded = footprint.estimate(lawa, weights, 4 * weights, stash=False, world=8)
     assert sharded.window == 20 * 4 * weights // 8
-    assert memory.footprint(AveragingConfig(mode="ema"), 10, 20).window == 0
+    assert footprint.estimate(AveragingConfig(mode="ema"), 10, 20).window == 0
 
 
 def test_builders_fail_at_init_when_the_window_does_not_fit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(memory, "available_host_bytes", lambda: 10)
+    monkeypatch.setattr(footprint, "available_host_bytes", lambda: 10)
     hp = hparams(averaging="lawa", lawa_window=20, averaging_placement="host")
-    submission = torch_builder.build_submission(make_torch_sgd, SGD_DEFAULTS)
+    submission = builder_torch.build_submission(make_torch_sgd, SGDConfig)
     workload = TorchLinearWorkload()
     model, _ = workload.init_model_fn(0)
     with pytest.raises(AveragingMemoryError, match="host memory"):
         submission.init_optimizer_state(workload, model, None, hp, None)
-    jax_submission = jax_builder.build_submission(make_jax_sgd, SGD_DEFAULTS)
+    jax_submission = builder_jax.build_submission(make_jax_sgd, SGDConfig)
     jax_workload = JaxLinearWorkload()
     params, model_state = jax_workload.init_model_fn(0)
     with pytest.raises(AveragingMemoryError, match="cpu device memory"):
@@ -283,7 +283,7 @@ class _Logger:
 
 
 def _torch_builder_run(hp, steps: int = 14, evals=(5, 9)):
-    submission = torch_builder.build_submission(make_torch_sgd, SGD_DEFAULTS)
+    submission = builder_torch.build_submission(make_torch_sgd, SGDConfig)
     workload = TorchLinearWorkload()
     workload.metrics_logger = _Logger()
     model, model_state = workload.init_model_fn(0)
@@ -322,7 +322,7 @@ def test_self_tuning_uses_host_placement_when_cuda_is_present(
 ) -> None:
     assert self_tuning_placement(False) == {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    submission = torch_builder.build_submission(make_torch_sgd, SGD_DEFAULTS)
+    submission = builder_torch.build_submission(make_torch_sgd, SGDConfig)
     workload = TorchLinearWorkload()
     model, _ = workload.init_model_fn(0)
     state = submission.init_optimizer_state(workload, model, None, None, None)
@@ -335,14 +335,14 @@ def test_self_tuning_uses_host_placement_when_cuda_is_present(
 def test_jax_self_tuning_uses_host_placement_with_an_accelerator(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    submission = jax_builder.build_submission(make_jax_sgd, SGD_DEFAULTS)
+    submission = builder_jax.build_submission(make_jax_sgd, SGDConfig)
     workload = JaxLinearWorkload()
     params, model_state = workload.init_model_fn(0)
     _, programs = submission.init_optimizer_state(workload, params, model_state, None, None)
-    assert programs.averaging.placement == "device"
+    assert programs.averager.config.placement == "device"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     state, programs = submission.init_optimizer_state(workload, params, model_state, None, None)
-    assert programs.averaging.placement == "host"
+    assert programs.averager.config.placement == "host"
     assert state["averaging"].num_collected.devices() == {jax.devices("cpu")[0]}
 
 
@@ -354,7 +354,7 @@ def _np(tree):
 
 
 def _jax_builder_run(hp, steps: int = 14, evals=(1, 5, 9)):
-    submission = jax_builder.build_submission(make_jax_sgd, SGD_DEFAULTS)
+    submission = builder_jax.build_submission(make_jax_sgd, SGDConfig)
     workload = JaxLinearWorkload()
     workload.metrics_logger = _Logger()
     params, model_state = workload.init_model_fn(0)
@@ -410,7 +410,7 @@ def test_jax_host_placement_survives_a_checkpoint_round_trip() -> None:
     from flax import serialization
 
     hp = hparams(averaging="lawa", averaging_every=1, lawa_window=3, averaging_placement="host")
-    submission = jax_builder.build_submission(make_jax_sgd, SGD_DEFAULTS)
+    submission = builder_jax.build_submission(make_jax_sgd, SGDConfig)
     workload = JaxLinearWorkload()
     data = batches(1, 12)
     rng = jax.random.PRNGKey(1)
@@ -447,26 +447,26 @@ def test_jax_nan_at_a_collection_step_is_left_out_on_host() -> None:
     poisoned = [dict(p) for p in sequence]
     poisoned[2] = {"w": sequence[2]["w"].at[1].set(jnp.inf)}
     host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    collect = jax.jit(lambda s, p: jax_backend.collect(config, s, p), out_shardings=host)
-    state = jax.device_put(jax_backend.init(config, sequence[0]), host)
+    collect = jax.jit(lambda s, p: lawa_ema_jax.collect(config, s, p), out_shardings=host)
+    state = jax.device_put(lawa_ema_jax.init(config, sequence[0]), host)
     for params in poisoned:
         state = collect(state, jax.device_put(params, host))
-    clean = jax_backend.init(config, sequence[0])
+    clean = lawa_ema_jax.init(config, sequence[0])
     for i, params in enumerate(sequence):
         if i != 2:
-            clean = jax_backend.collect(config, clean, params)
+            clean = lawa_ema_jax.collect(config, clean, params)
     assert int(state.num_skipped_nonfinite) == 1
-    got = jax_backend.average(config, state, sequence[-1])
+    got = lawa_ema_jax.average(config, state, sequence[-1])
     assert np.isfinite(np.asarray(got["w"])).all()
     np.testing.assert_array_equal(
-        np.asarray(got["w"]), np.asarray(jax_backend.average(config, clean, sequence[-1])["w"])
+        np.asarray(got["w"]), np.asarray(lawa_ema_jax.average(config, clean, sequence[-1])["w"])
     )
 
 
 def test_jax_memory_check_names_the_hyperparameters(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memory, "available_host_bytes", lambda: 4096)
+    monkeypatch.setattr(footprint, "available_host_bytes", lambda: 4096)
     config = AveragingConfig(mode="lawa", window=20, placement="host")
     params = {"w": jax.ShapeDtypeStruct((1000,), jnp.float32)}
     with pytest.raises(AveragingMemoryError, match="averaging='lawa', lawa_window=20"):
-        jax_backend.check_fits(config, params, jax.devices("cpu")[0])
-    jax_backend.check_fits(AveragingConfig(mode="none"), params, jax.devices("cpu")[0])
+        placements_jax.check_fits(config, params, jax.devices("cpu")[0])
+    placements_jax.check_fits(AveragingConfig(mode="none"), params, jax.devices("cpu")[0])

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from torch import nn
 
 from averaging_reference import averaging_settings, reference_average
+from polyak.averaging.averager_torch import TorchAverager
 from polyak.averaging.config import AveragingConfig
-from polyak.averaging.torch_backend import TorchAverager
 
 
 def _model() -> nn.Module:

@@ -74,12 +74,12 @@ def test_layout_and_info(tmp_path: Path, framework: str, ruleset: str) -> None:
 
 
 def test_closure_follows_imports_and_not_the_other_framework() -> None:
-    torch_modules = import_closure(("polyak.algoperf.torch_builder", "polyak.optim.nadamw_torch"))
-    assert "polyak.averaging.torch_backend" in torch_modules
+    torch_modules = import_closure(("polyak.algoperf.builder_torch", "polyak.optim.nadamw_torch"))
+    assert "polyak.averaging.averager_torch" in torch_modules
     assert "polyak.algoperf.spec" in torch_modules
     assert not any("jax" in m for m in torch_modules)
-    jax_modules = import_closure(("polyak.algoperf.jax_builder", "polyak.optim.nadamw_jax"))
-    assert "polyak.averaging.jax_backend" in jax_modules
+    jax_modules = import_closure(("polyak.algoperf.builder_jax", "polyak.optim.nadamw_jax"))
+    assert "polyak.averaging.averager_jax" in jax_modules
     assert not any("torch" in m for m in jax_modules)
     assert not any(
         m.startswith(("polyak.runner", "polyak.workloads")) for m in torch_modules + jax_modules

@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from fakes import SGD_DEFAULTS, JaxLinearWorkload, batches, hparams, make_jax_sgd
-from polyak.algoperf.jax_builder import build_submission
+from fakes import JaxLinearWorkload, SGDConfig, batches, hparams, make_jax_sgd
+from polyak.algoperf.builder_jax import build_submission
 from polyak.averaging.config import AveragingError
+from polyak.hyperparameters import (
+    STRICT_ENV_VAR,
+    UnknownHyperparameterError,
+    UnknownHyperparameterWarning,
+)
+from polyak.optim.nadamw_config import NadamWConfig
+from polyak.optim.nadamw_jax import make_nadamw
+from polyak.optim.shampoo_config import ShampooConfig
+from polyak.optim.shampoo_jax import make_shampoo
 
-SUBMISSION = build_submission(make_jax_sgd, SGD_DEFAULTS)
+SUBMISSION = build_submission(make_jax_sgd, SGDConfig)
 EVAL_STEPS = {1, 6, 12, 18}
 
 
@@ -126,8 +135,45 @@ def test_self_tuning_and_bad_hyperparameters() -> None:
     workload = JaxLinearWorkload()
     params, model_state = workload.init_model_fn(0)
     _, programs = SUBMISSION.init_optimizer_state(workload, params, model_state, None, None)
-    assert programs.averaging.mode == "lawa"
+    assert programs.averager.config.mode == "lawa"
     with pytest.raises(AveragingError, match="ema_beta=0"):
         SUBMISSION.init_optimizer_state(
             workload, params, model_state, hparams(averaging="ema", ema_beta=0), None
+        )
+
+
+# -- hyperparameters are resolved once, at init ---------------------------------
+
+
+def test_unknown_hyperparameter_names_warn_naming_them(monkeypatch) -> None:
+    workload = JaxLinearWorkload()
+    params, model_state = workload.init_model_fn(0)
+    monkeypatch.delenv(STRICT_ENV_VAR, raising=False)
+    with pytest.warns(UnknownHyperparameterWarning, match=r"\['averagin'\].*'averaging'"):
+        _, programs = SUBMISSION.init_optimizer_state(
+            workload, params, model_state, hparams(averagin="lawa"), None
+        )
+    assert not programs.averager.config.enabled  # the misspelled name had no effect
+    monkeypatch.setenv(STRICT_ENV_VAR, "1")
+    with pytest.raises(UnknownHyperparameterError, match="averagin"):
+        SUBMISSION.init_optimizer_state(
+            workload, params, model_state, hparams(averagin="lawa"), None
+        )
+
+
+@pytest.mark.parametrize("learning_rate", [float("inf"), float("nan"), 0.0, -1.0])
+@pytest.mark.parametrize("optimizer", ["nadamw", "shampoo"])
+def test_a_learning_rate_that_is_not_finite_and_positive_is_refused(
+    optimizer: str, learning_rate: float
+) -> None:
+    make, config_type = {
+        "nadamw": (make_nadamw, NadamWConfig),
+        "shampoo": (make_shampoo, ShampooConfig),
+    }[optimizer]
+    submission = build_submission(make, config_type)
+    workload = JaxLinearWorkload()
+    params, model_state = workload.init_model_fn(0)
+    with pytest.raises(ValueError, match=f"learning_rate={learning_rate!r}"):
+        submission.init_optimizer_state(
+            workload, params, model_state, {"learning_rate": learning_rate}, None
         )

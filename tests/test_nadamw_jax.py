@@ -22,8 +22,8 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
 from polyak.optim import nadamw_jax  # noqa: E402
+from polyak.optim.nadamw_config import NadamWConfig  # noqa: E402
 from polyak.optim.nadamw_jax import (  # noqa: E402
-    DEFAULT_HYPERPARAMETERS,
     EPSILON,
     ScaleByNadamState,
     make_nadamw,
@@ -32,6 +32,8 @@ from polyak.optim.nadamw_jax import (  # noqa: E402
     warmup_cosine_schedule,
 )
 from polyak.optim.schedules import warmup_cosine_multiplier, warmup_steps_for  # noqa: E402
+
+DEFAULT_HYPERPARAMETERS = NadamWConfig.DEFAULT_HYPERPARAMETERS
 
 # Large enough that the parameters move well beyond float32 rounding of θ, so a
 # 1e-5 relative bound on the displacement is meaningful.
@@ -181,7 +183,7 @@ def float32_run(step_hint: int) -> tuple[Tree, list[Tree], Tree, Tree]:
         eps=EPSILON,
         weight_decay=hp["weight_decay"],
     )
-    got = run_optax(make_nadamw(hp, step_hint), params, grads)
+    got = run_optax(make_nadamw(NadamWConfig.from_hyperparameters(hp), step_hint), params, grads)
     return params, grads, want, got
 
 
@@ -222,7 +224,7 @@ def test_defaults_match_reference_with_algoperf_betas() -> None:
         eps=EPSILON,
         weight_decay=hp["weight_decay"],
     )
-    got = run_optax(make_nadamw(None, step_hint), params, grads)
+    got = run_optax(make_nadamw(NadamWConfig.from_hyperparameters(None), step_hint), params, grads)
     assert displacement_error(got, want, params) <= 1e-5
 
 
@@ -242,7 +244,7 @@ def test_optax_nadamw_is_a_different_algorithm() -> None:
         params, grads, reference_for(hp, step_hint), b1=b1, b2=b2, eps=EPSILON, weight_decay=wd
     )
     schedule = warmup_cosine_schedule(hp["learning_rate"], hp["warmup_factor"], step_hint)
-    ours = run_optax(make_nadamw(hp, step_hint), params, grads)
+    ours = run_optax(make_nadamw(NadamWConfig.from_hyperparameters(hp), step_hint), params, grads)
     theirs = run_optax(
         optax_nadamw(schedule, b1=b1, b2=b2, eps=EPSILON, weight_decay=wd), params, grads
     )
@@ -352,7 +354,7 @@ def test_schedule_property(lr: float, warmup_factor: float, step_hint: int, coun
 
 def test_schedule_drives_the_optimizer() -> None:
     """During warmup step 0 uses lr(0) = 0: the params must not move on the first step."""
-    tx = make_nadamw(TEST_HPARAMS, step_hint=100)
+    tx = make_nadamw(NadamWConfig.from_hyperparameters(TEST_HPARAMS), step_hint=100)
     theta = {"w": jnp.ones(4)}
     updates, _ = tx.update({"w": jnp.ones(4)}, tx.init(theta), theta)
     np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)
@@ -363,7 +365,7 @@ def test_schedule_drives_the_optimizer() -> None:
 
 def test_jit_matches_eager_and_state_is_a_float32_pytree() -> None:
     params, grads = make_problem(seed=4, steps=10)
-    tx = make_nadamw(TEST_HPARAMS, step_hint=20)
+    tx = make_nadamw(NadamWConfig.from_hyperparameters(TEST_HPARAMS), step_hint=20)
     eager = run_optax(tx, params, grads, jit=False)
     jitted = run_optax(tx, params, grads, jit=True)
     for k in eager:
@@ -405,7 +407,9 @@ def test_update_with_sharded_batch_and_replicated_params() -> None:
         }
         for _ in range(3)
     ]
-    tx = make_nadamw(dict(TEST_HPARAMS, warmup_factor=0.0), step_hint=10)
+    tx = make_nadamw(
+        NadamWConfig.from_hyperparameters(dict(TEST_HPARAMS, warmup_factor=0.0)), step_hint=10
+    )
 
     def loss_fn(params, batch):
         predictions = batch["inputs"] @ params["w"] + params["b"]
@@ -476,7 +480,9 @@ def test_missing_names_fall_back_to_defaults_per_name() -> None:
         eps=EPSILON,
         weight_decay=hp["weight_decay"],
     )
-    got = run_optax(make_nadamw(partial, step_hint), params, grads)
+    got = run_optax(
+        make_nadamw(NadamWConfig.from_hyperparameters(partial), step_hint), params, grads
+    )
     assert displacement_error(got, want, params) <= 1e-5
 
 
@@ -496,12 +502,12 @@ def test_missing_names_fall_back_to_defaults_per_name() -> None:
 )
 def test_bad_hyperparameters_raise_clear_errors(name: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        make_nadamw({name: value}, step_hint=100)
+        make_nadamw(NadamWConfig.from_hyperparameters({name: value}), step_hint=100)
 
 
 def test_bad_step_hint_raises() -> None:
     with pytest.raises(ValueError, match="step_hint=0"):
-        make_nadamw(None, step_hint=0)
+        make_nadamw(NadamWConfig.from_hyperparameters(None), step_hint=0)
 
 
 def test_bad_transform_arguments_raise() -> None:
@@ -521,7 +527,12 @@ def test_without_scale_by_learning_rate_the_fallback_is_equivalent(
     step_hint = 8
 
     def both_runs() -> tuple[Tree, Tree]:
-        scheduled = run_optax(make_nadamw(TEST_HPARAMS, step_hint), params, grads, jit=False)
+        scheduled = run_optax(
+            make_nadamw(NadamWConfig.from_hyperparameters(TEST_HPARAMS), step_hint),
+            params,
+            grads,
+            jit=False,
+        )
         constant = run_optax(nadamw(0.01, weight_decay=0.1), params, grads, jit=False)
         return scheduled, constant
 
@@ -550,7 +561,9 @@ def test_matches_torch_twin(step_hint: int) -> None:
 
     params, grads, reference, from_jax = float32_run(step_hint)
     tensors = [torch.nn.Parameter(torch.tensor(params[k])) for k in sorted(params)]
-    optimizer, scheduler = nadamw_torch.make_nadamw(tensors, TEST_HPARAMS, step_hint)
+    optimizer, scheduler = nadamw_torch.make_nadamw(
+        tensors, NadamWConfig.from_hyperparameters(TEST_HPARAMS), step_hint
+    )
     for grad in grads:
         for tensor, k in zip(tensors, sorted(params), strict=True):
             tensor.grad = torch.tensor(grad[k], dtype=torch.float32)

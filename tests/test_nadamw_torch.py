@@ -24,7 +24,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyak.optim import nadamw_torch
-from polyak.optim.nadamw_torch import DEFAULT_HYPERPARAMETERS, NAdamW, make_nadamw
+from polyak.optim.nadamw_config import NadamWConfig
+from polyak.optim.nadamw_torch import NAdamW, make_nadamw
+
+DEFAULT_HYPERPARAMETERS = NadamWConfig.DEFAULT_HYPERPARAMETERS
 
 SHAPES: list[tuple[int, ...]] = [(4, 3), (7,), (2, 3, 5), (1,), (3, 2, 2, 2)]
 
@@ -160,7 +163,9 @@ def test_matches_reference_in_float64_with_schedule(
     step_hint, num_steps = 100, 110  # past step_hint, where the rate must hold at 0
     arrays, grads = random_problem(SHAPES, num_steps, seed=0)
     params = torch_params(arrays, torch.float64)
-    optimizer, scheduler = make_nadamw(params, HYPERPARAMETERS, step_hint)
+    optimizer, scheduler = make_nadamw(
+        params, NadamWConfig.from_hyperparameters(HYPERPARAMETERS), step_hint
+    )
     use_implementation(optimizer, "fused" if implementation == "eager_kernel" else implementation)
 
     run_steps(optimizer, params, grads, scheduler)
@@ -190,7 +195,9 @@ def test_float32_stays_close_to_float64_reference() -> None:
     step_hint, num_steps = 100, 100
     arrays, grads = random_problem(SHAPES, num_steps, seed=1)
     params = torch_params(arrays, torch.float32)
-    optimizer, scheduler = make_nadamw(params, HYPERPARAMETERS, step_hint)
+    optimizer, scheduler = make_nadamw(
+        params, NadamWConfig.from_hyperparameters(HYPERPARAMETERS), step_hint
+    )
     use_implementation(optimizer, "foreach")
     run_steps(optimizer, params, grads, scheduler)
     warmup_steps = int(HYPERPARAMETERS["warmup_factor"] * step_hint)
@@ -422,7 +429,9 @@ def _round_trip_equals_uninterrupted(
     arrays, grads = random_problem(shapes, first + second, seed=4)
 
     params = torch_params(arrays, dtype)
-    optimizer, scheduler = make_nadamw(params, HYPERPARAMETERS, step_hint)
+    optimizer, scheduler = make_nadamw(
+        params, NadamWConfig.from_hyperparameters(HYPERPARAMETERS), step_hint
+    )
     use_implementation(optimizer, implementation)
     run_steps(optimizer, params, grads[:first], scheduler)
     buffer = io.BytesIO()
@@ -439,7 +448,9 @@ def _round_trip_equals_uninterrupted(
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
     resumed = [torch.nn.Parameter(p) for p in checkpoint["params"]]
-    optimizer2, scheduler2 = make_nadamw(resumed, None, step_hint)  # state overrides all
+    optimizer2, scheduler2 = make_nadamw(
+        resumed, NadamWConfig.from_hyperparameters(None), step_hint
+    )  # state overrides all
     optimizer2.load_state_dict(checkpoint["optimizer"])
     scheduler2.load_state_dict(checkpoint["scheduler"])
     run_steps(optimizer2, resumed, grads[first:], scheduler2)
@@ -505,7 +516,9 @@ def test_defaults_are_algoperf_baseline_first_point() -> None:
 def test_make_nadamw_reads_hyperparameters_with_defaults(hyperparameters: object) -> None:
     step_hint = 1000
     params = torch_params([np.zeros(3)], torch.float64)
-    optimizer, scheduler = make_nadamw(params, hyperparameters, step_hint)
+    optimizer, scheduler = make_nadamw(
+        params, NadamWConfig.from_hyperparameters(hyperparameters), step_hint
+    )
     group = optimizer.param_groups[0]
     peak = 0.5 if hyperparameters is not None else DEFAULT_HYPERPARAMETERS["learning_rate"]
     assert group["initial_lr"] == peak
@@ -567,4 +580,6 @@ def test_bad_hyperparameters_raise_clear_errors(
 ) -> None:
     params = torch_params([np.zeros(2)], torch.float32)
     with pytest.raises(ValueError, match=message):
-        make_nadamw(params, {**HYPERPARAMETERS, **overrides}, step_hint)
+        make_nadamw(
+            params, NadamWConfig.from_hyperparameters({**HYPERPARAMETERS, **overrides}), step_hint
+        )

@@ -51,8 +51,7 @@ def _submission(framework: str) -> tuple[Any, dict[str, Any]]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    optimizer = sys.modules[f"polyak.optim.nadamw_{'torch' if framework == 'pytorch' else 'jax'}"]
-    return module, dict(optimizer.DEFAULT_HYPERPARAMETERS)
+    return module, dict(module.DEFAULT_HYPERPARAMETERS)
 
 
 def train(framework: str, output_dir: str, *, resume: bool, interrupted: str | None = None) -> None:

@@ -32,6 +32,7 @@ import torch
 
 import shampoo_anchor_problems as problems
 from polyak.optim import shampoo_torch
+from polyak.optim.shampoo_config import ShampooConfig
 
 TOLERANCE = 1e-4
 DRIFT_MARGIN = 3.0
@@ -70,8 +71,9 @@ def run_jax(problem: problems.Problem, point: dict[str, Any], steps: int) -> dic
     model = problem.build()
     named = dict(model.named_parameters())
     params = {name: jax.numpy.asarray(p.detach().numpy()) for name, p in named.items()}
-    tx = shampoo_jax.make_shampoo(point, problems.STEP_HINT)
-    schedule = shampoo_jax.shampoo_schedule(point, problems.STEP_HINT)
+    config = ShampooConfig.from_hyperparameters(point)
+    tx = shampoo_jax.make_shampoo(config, problems.STEP_HINT)
+    schedule = shampoo_jax.shampoo_schedule(config, problems.STEP_HINT)
     state = tx.init(params)
 
     @jax.jit
@@ -205,6 +207,14 @@ def test_jax_twin_follows_the_torch_twin(problem_name: str, point_index: int) ->
     expected = run_torch(problem, point, steps)
     with float64_enabled():
         ours = run_jax(problem, point, steps)
-    differences = problems.relative_differences(ours["sketches"], expected["sketches"])
-    finite = [d for d in differences if math.isfinite(d)]
-    assert max(finite) <= 1e-5, (problem_name, point_index, max(finite))
+    # A diverging run (the SGD point on least squares) is compared until its
+    # loss has grown tenfold: beyond that the parameters explode and relative
+    # differences measure only the explosion.
+    compared = next(
+        (s for s, loss in enumerate(expected["loss"]) if not loss <= 10 * expected["loss"][0]),
+        steps,
+    )
+    differences = problems.relative_differences(
+        ours["sketches"][: compared + 1], expected["sketches"][: compared + 1]
+    )
+    assert max(differences) <= 1e-5, (problem_name, point_index, max(differences))

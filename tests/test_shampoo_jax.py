@@ -17,11 +17,9 @@ from polyak.optim import shampoo_jax
 from polyak.optim.schedules import constant_multiplier, warmup_cosine_multiplier
 from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
 from polyak.optim.shampoo_jax import (
-    DEFAULT_HYPERPARAMETERS,
     make_shampoo,
     scale_by_shampoo,
     shampoo,
-    shampoo_config_from_hyperparameters,
     shampoo_schedule,
 )
 
@@ -201,21 +199,6 @@ def test_parity_with_torch_twin_over_30_steps():
     assert factor_elements == diagnostics["factor_elements"]
 
 
-def test_default_hyperparameters_and_config_mapping_equal_torch_twin():
-    shampoo_torch = _torch_shampoo()
-    assert DEFAULT_HYPERPARAMETERS == shampoo_torch.DEFAULT_HYPERPARAMETERS
-    for hyperparameters in (
-        None,
-        {"beta2": 0.99, "grafting_type": "sgd", "start_preconditioning_step": 7},
-        {"use_momentum": True, "one_minus_momentum": 0.1, "use_nadam": False},
-        {"one_minus_beta2": 0.01, "inv_root_override": 2, "max_preconditioner_dim": 256},
-        {"one_minus_beta1": 1.0, "use_nadam": False},  # β1 = 0 keeps Nesterov momentum
-    ):
-        assert shampoo_config_from_hyperparameters(
-            hyperparameters
-        ) == shampoo_torch.shampoo_config_from_hyperparameters(hyperparameters)
-
-
 def test_make_shampoo_follows_torch_factory_with_its_schedule():
     torch = pytest.importorskip("torch")
     shampoo_torch = _torch_shampoo()
@@ -232,10 +215,11 @@ def test_make_shampoo_follows_torch_factory_with_its_schedule():
     rng = np.random.default_rng(3)
     initial = _random_tree(rng, shapes)
     torch_params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in initial.items()}
+    config = ShampooConfig.from_hyperparameters(hyperparameters)
     optimizer, scheduler = shampoo_torch.make_shampoo(
-        list(torch_params.values()), hyperparameters, step_hint
+        list(torch_params.values()), config, step_hint
     )
-    tx = make_shampoo(hyperparameters, step_hint)
+    tx = make_shampoo(config, step_hint)
     params = {k: jnp.asarray(v) for k, v in initial.items()}
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -259,7 +243,9 @@ def test_schedule_is_warmup_then_cosine_or_constant(use_cosine_decay):
         "step_hint_factor": 0.5,
         "use_cosine_decay": use_cosine_decay,
     }
-    schedule = shampoo_schedule(hyperparameters, step_hint=400)  # horizon 200, warmup 20
+    schedule = shampoo_schedule(
+        ShampooConfig.from_hyperparameters(hyperparameters), step_hint=400
+    )  # horizon 200, warmup 20
     multiplier = warmup_cosine_multiplier if use_cosine_decay else constant_multiplier
     for count in (0, 1, 10, 19, 20, 21, 100, 199, 200, 250):
         expected = 0.3 * multiplier(count, 20, 200)
@@ -605,9 +591,9 @@ def test_scale_by_shampoo_alone_and_bad_inputs():
     with pytest.raises(ShampooConfigError, match="learning_rate=-1"):
         shampoo(-1.0)
     with pytest.raises(ShampooConfigError, match="grafting_type='ADAGRAD'"):
-        make_shampoo({"grafting_type": "adagrad"}, 100)
+        ShampooConfig.from_hyperparameters({"grafting_type": "adagrad"})
     with pytest.raises(ShampooConfigError, match="precondition_frequency=0"):
-        make_shampoo({"precondition_frequency": 0}, 100)
+        ShampooConfig.from_hyperparameters({"precondition_frequency": 0})
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -14,12 +14,10 @@ import torch
 
 from polyak.optim.schedules import warmup_cosine_multiplier
 from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
-from polyak.optim.shampoo_torch import (
-    DEFAULT_HYPERPARAMETERS,
-    Shampoo,
-    make_shampoo,
-    shampoo_config_from_hyperparameters,
-)
+from polyak.optim.shampoo_torch import Shampoo, make_shampoo
+
+DEFAULT_HYPERPARAMETERS = ShampooConfig.DEFAULT_HYPERPARAMETERS
+shampoo_config_from_hyperparameters = ShampooConfig.from_hyperparameters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,6 +237,7 @@ def _train(make_optimizer, steps: int, seed: int = 0) -> float:
 
 def _nadamw(params, lr):
     try:
+        from polyak.optim.nadamw_config import NadamWConfig
         from polyak.optim.nadamw_torch import make_nadamw
     except ImportError:
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -249,7 +248,8 @@ def _nadamw(params, lr):
         "weight_decay": 0.0,
         "warmup_factor": 0.0,
     }
-    optimizer, _ = make_nadamw(params, hp, 10**9)  # constant rate: no scheduler steps
+    # A constant rate: no scheduler steps.
+    optimizer, _ = make_nadamw(params, NadamWConfig(**hp), 10**9)
     return optimizer
 
 
@@ -483,7 +483,9 @@ def _fresh(seed=0):
         one_minus_momentum=0.1,
         warmup_factor=0.1,
     )
-    optimizer, scheduler = make_shampoo(params, hp, step_hint=40)
+    optimizer, scheduler = make_shampoo(
+        params, ShampooConfig.from_hyperparameters(hp), step_hint=40
+    )
     return params, optimizer, scheduler
 
 
@@ -587,7 +589,9 @@ def test_every_search_space_point_builds_a_config():
 
 def test_factory_defaults_and_schedule():
     p = torch.nn.Parameter(torch.zeros(4, 4))
-    optimizer, scheduler = make_shampoo([p], None, step_hint=1000)
+    optimizer, scheduler = make_shampoo(
+        [p], ShampooConfig.from_hyperparameters(None), step_hint=1000
+    )
     assert optimizer.config == shampoo_config_from_hyperparameters(DEFAULT_HYPERPARAMETERS)
     peak = DEFAULT_HYPERPARAMETERS["learning_rate"]
     warmup = int(0.02 * 1000)
@@ -610,7 +614,7 @@ def test_factory_defaults_and_schedule():
 def test_step_hint_factor_shortens_the_horizon():
     p = torch.nn.Parameter(torch.zeros(3))
     hp = dict(DEFAULT_HYPERPARAMETERS, step_hint_factor=0.6, warmup_factor=0.0)
-    optimizer, scheduler = make_shampoo([p], hp, step_hint=100)
+    optimizer, scheduler = make_shampoo([p], ShampooConfig.from_hyperparameters(hp), step_hint=100)
     for _ in range(60):
         p.grad = torch.zeros_like(p)
         optimizer.step()

@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from fakes import SGD_DEFAULTS, TorchLinearWorkload, batches, hparams, make_torch_sgd
-from polyak.algoperf.torch_builder import build_submission
+from fakes import SGD_DEFAULTS, SGDConfig, TorchLinearWorkload, batches, hparams, make_torch_sgd
+from polyak.algoperf.builder_torch import build_submission
 from polyak.averaging.config import AveragingError
+from polyak.hyperparameters import (
+    STRICT_ENV_VAR,
+    UnknownHyperparameterError,
+    UnknownHyperparameterWarning,
+)
+from polyak.optim.nadamw_config import NadamWConfig
+from polyak.optim.nadamw_torch import make_nadamw
+from polyak.optim.shampoo_config import ShampooConfig
+from polyak.optim.shampoo_torch import make_shampoo
 
-SUBMISSION = build_submission(make_torch_sgd, SGD_DEFAULTS)
+SUBMISSION = build_submission(make_torch_sgd, SGDConfig)
 EVAL_STEPS = {1, 6, 12, 18}
 
 
@@ -138,3 +147,68 @@ def test_get_batch_size_knows_all_algoperf_workloads() -> None:
         assert SUBMISSION.get_batch_size(name) > 0
     with pytest.raises(ValueError, match="unsupported workload 'cifar'"):
         SUBMISSION.get_batch_size("cifar")
+
+
+# -- hyperparameters are resolved once, at init ---------------------------------
+
+
+def test_unknown_hyperparameter_names_warn_naming_them(monkeypatch) -> None:
+    workload = TorchLinearWorkload()
+    model, model_state = workload.init_model_fn(0)
+    monkeypatch.delenv(STRICT_ENV_VAR, raising=False)
+    with pytest.warns(UnknownHyperparameterWarning, match=r"\['averagin'\].*'averaging'"):
+        state = SUBMISSION.init_optimizer_state(
+            workload, model, model_state, hparams(averagin="lawa"), None
+        )
+    assert not state["averager"].config.enabled  # the misspelled name had no effect
+    monkeypatch.setenv(STRICT_ENV_VAR, "1")
+    with pytest.raises(UnknownHyperparameterError, match="averagin"):
+        SUBMISSION.init_optimizer_state(
+            workload, model, model_state, hparams(averagin="lawa"), None
+        )
+
+
+def test_known_names_do_not_warn(recwarn) -> None:
+    workload = TorchLinearWorkload()
+    model, model_state = workload.init_model_fn(0)
+    SUBMISSION.init_optimizer_state(
+        workload, model, model_state, hparams(averaging="ema", grad_clip=1.0), None
+    )
+    assert not [w for w in recwarn if issubclass(w.category, UnknownHyperparameterWarning)]
+
+
+@pytest.mark.parametrize("learning_rate", [float("inf"), float("nan"), 0.0, -1.0])
+@pytest.mark.parametrize("optimizer", ["nadamw", "shampoo"])
+def test_a_learning_rate_that_is_not_finite_and_positive_is_refused(
+    optimizer: str, learning_rate: float
+) -> None:
+    make, config_type = {
+        "nadamw": (make_nadamw, NadamWConfig),
+        "shampoo": (make_shampoo, ShampooConfig),
+    }[optimizer]
+    submission = build_submission(make, config_type)
+    workload = TorchLinearWorkload()
+    model, model_state = workload.init_model_fn(0)
+    with pytest.raises(ValueError, match=f"learning_rate={learning_rate!r}"):
+        submission.init_optimizer_state(
+            workload, model, model_state, {"learning_rate": learning_rate}, None
+        )
+
+
+def test_update_params_never_reads_the_hyperparameters() -> None:
+    """The step uses what init resolved: a different point later changes nothing."""
+    hp = hparams(averaging="lawa", averaging_every=2, lawa_window=3)
+    _, evaluated, _ = _run(hp)
+    workload = TorchLinearWorkload()
+    model, model_state = workload.init_model_fn(0)
+    state = SUBMISSION.init_optimizer_state(workload, model, model_state, hp, None)
+    for global_step, batch in enumerate(batches(0, 20)):
+        state, model, model_state = SUBMISSION.update_params(
+            workload, model, None, model_state, None, batch, None, state, [], global_step, None
+        )
+        if global_step + 1 in EVAL_STEPS:
+            state, model, model_state = SUBMISSION.prepare_for_eval(
+                workload, model, None, model_state, None, None, state, [], global_step + 1, None
+            )
+            for key, value in evaluated[global_step + 1].items():
+                assert torch.equal(model.state_dict()[key], value)

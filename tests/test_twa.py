@@ -1,6 +1,6 @@
 """TWA (trainable weight averaging) against its definition, on problems with known answers.
 
-References are computed here, independently of ``polyak.averaging.twa``: the
+References are computed here, independently of ``polyak.averaging.twa_torch``: the
 uniform average in float64 with numpy, the optimum of a quadratic placed in
 the checkpoints' affine span, and BatchNorm statistics from the activations.
 """
@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from polyak.averaging.averager_torch import TorchAverager
 from polyak.averaging.config import AveragingConfig, AveragingError
-from polyak.averaging.torch_backend import TorchAverager
-from polyak.averaging.twa import (
+from polyak.averaging.twa_torch import (
     TWAConfig,
     TWAError,
     blocks_for,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from polyak.averaging.twa import TWAConfig, fit_twa
+from polyak.averaging.twa_torch import TWAConfig, fit_twa
 
 WORKER = Path(__file__).resolve().parent / "ddp_scripts" / "twa_ddp_worker.py"
 

@@ -4,7 +4,6 @@ at least as good as LAWA on its batches, exact resume, JAX rejection, and end to
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 import json
 import types
@@ -14,20 +13,20 @@ import pytest
 import torch
 
 from fakes import (
-    SGD_DEFAULTS,
     JaxLinearWorkload,
+    SGDConfig,
     TorchLinearWorkload,
     batches,
     hparams,
     make_jax_sgd,
     make_torch_sgd,
 )
+from polyak.algoperf.builder_torch import build_submission
 from polyak.algoperf.export import ExportError, ExportRequest
-from polyak.algoperf.torch_builder import build_submission
 from polyak.averaging.config import AveragingConfig, AveragingError, TWAError
 
 REPO = Path(__file__).resolve().parent.parent
-SUBMISSION = build_submission(make_torch_sgd, SGD_DEFAULTS)
+SUBMISSION = build_submission(make_torch_sgd, SGDConfig)
 EVAL_STEPS = {1, 5, 9, 13, 17}
 TWA = {"averaging": "twa", "averaging_every": 2, "lawa_window": 4, "twa_batches": 3}
 
@@ -64,8 +63,8 @@ def test_twa_values_are_type_checked_whatever_the_mode() -> None:
         _init(hparams(averaging="lawa", twa_batches=0))
     # Valid ones are harmless for other modes, and the config round-trips for resume.
     config = AveragingConfig.from_hyperparameters(hparams(**TWA, twa_steps=7.0), 40)
-    assert config.twa_steps == 7 and isinstance(config.twa_steps, int)
-    assert AveragingConfig(**dataclasses.asdict(config)) == config
+    assert config.twa.steps == 7 and isinstance(config.twa.steps, int)
+    assert AveragingConfig.from_dict(config.to_dict()) == config
 
 
 def _train(hp, steps: int = 20, evals: set[int] = EVAL_STEPS):
@@ -191,9 +190,9 @@ def test_twa_restores_the_live_buffers_after_the_eval() -> None:
 
 
 def test_jax_builder_rejects_twa() -> None:
-    from polyak.algoperf.jax_builder import build_submission as build_jax
+    from polyak.algoperf.builder_jax import build_submission as build_jax
 
-    submission = build_jax(make_jax_sgd, SGD_DEFAULTS)
+    submission = build_jax(make_jax_sgd, SGDConfig)
     workload = JaxLinearWorkload()
     params, model_state = workload.init_model_fn(0)
     with pytest.raises(AveragingError, match="PyTorch only"):
@@ -237,10 +236,10 @@ def test_nadamw_with_twa_reaches_the_digits_target() -> None:
     assert spec is not None and spec.loader is not None
     submission = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(submission)
-    from polyak.optim.nadamw_torch import DEFAULT_HYPERPARAMETERS
+    from polyak.optim.nadamw_config import NadamWConfig
 
     hp = types.SimpleNamespace(
-        **DEFAULT_HYPERPARAMETERS,
+        **NadamWConfig.DEFAULT_HYPERPARAMETERS,
         averaging="twa",
         averaging_every=2,
         lawa_window=5,

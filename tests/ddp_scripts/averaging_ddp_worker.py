@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from polyak.averaging.averager_torch import TorchAverager
 from polyak.averaging.config import AveragingConfig
-from polyak.averaging.torch_backend import TorchAverager
 
 SETTINGS = {
     "lawa": dict(mode="lawa", every=2, window=3),

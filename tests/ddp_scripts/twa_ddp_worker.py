@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from polyak.averaging.twa import TWAConfig, build_subspace, fit_twa
+from polyak.averaging.twa_torch import TWAConfig, build_subspace, fit_twa
 
 NUM_CHECKPOINTS, NUM_BATCHES, BATCH_SIZE = 6, 3, 16
 CONFIGS = {

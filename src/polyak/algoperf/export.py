@@ -27,12 +27,12 @@ from pathlib import Path
 import yaml
 
 import polyak
+from polyak.averaging.config import MODES, TORCH_ONLY_MODES
 
 OPTIMIZERS: tuple[str, ...] = ("nadamw", "shampoo")
 FRAMEWORKS: tuple[str, ...] = ("pytorch", "jax")
-AVERAGING_MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
-# Trainable weight averaging exists only in the PyTorch averager.
-PYTORCH_ONLY_AVERAGING: tuple[str, ...] = ("twa",)
+AVERAGING_MODES: tuple[str, ...] = MODES
+PYTORCH_ONLY_AVERAGING: tuple[str, ...] = TORCH_ONLY_MODES
 RULESETS: tuple[str, ...] = ("external", "self")
 
 VENDORED_PACKAGE = "polyak_vendored"
@@ -84,10 +84,14 @@ class ExportRequest:
         return _FRAMEWORK_MODULE[self.framework]
 
     @property
-    def entry_modules(self) -> tuple[str, str]:
+    def entry_modules(self) -> tuple[str, ...]:
         """The polyak modules the submission file imports."""
         fw = self.framework_module
-        return (f"polyak.algoperf.{fw}_builder", f"polyak.optim.{self.optimizer}_{fw}")
+        return (
+            f"polyak.algoperf.builder_{fw}",
+            f"polyak.optim.{self.optimizer}_{fw}",
+            f"polyak.optim.{self.optimizer}_config",
+        )
 
     @property
     def search_space_file(self) -> Path:
@@ -118,7 +122,7 @@ def _polyak_imports(path: Path) -> set[str]:
                 continue
             found.add(node.module)
             for alias in node.names:
-                # `from polyak.averaging import jax_backend` names a module.
+                # `from polyak.averaging import lawa_ema_jax` names a module.
                 sub = f"{node.module}.{alias.name}"
                 if (PACKAGE_ROOT / Path(*sub.split(".")[1:])).with_suffix(".py").exists():
                     found.add(sub)
@@ -173,6 +177,7 @@ def source_revision() -> str:
 def _submission_source(request: ExportRequest, revision: str) -> str:
     fw = request.framework_module
     factory = f"make_{request.optimizer}"
+    config = f"{_OPTIMIZER_TITLE[request.optimizer]}Config"
     title = _OPTIMIZER_TITLE[request.optimizer]
     framework = "PyTorch" if request.framework == "pytorch" else "JAX"
     if request.ruleset == "self":
@@ -198,13 +203,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from {VENDORED_PACKAGE}.algoperf.{fw}_builder import build_submission  # noqa: E402
-from {VENDORED_PACKAGE}.optim.{request.optimizer}_{fw} import (  # noqa: E402
-    DEFAULT_HYPERPARAMETERS,
-    {factory},
-)
+from {VENDORED_PACKAGE}.algoperf.builder_{fw} import build_submission  # noqa: E402
+from {VENDORED_PACKAGE}.optim.{request.optimizer}_config import {config}  # noqa: E402
+from {VENDORED_PACKAGE}.optim.{request.optimizer}_{fw} import {factory}  # noqa: E402
 
-_submission = build_submission({factory}, DEFAULT_HYPERPARAMETERS, {defaults})
+_submission = build_submission({factory}, {config}, {defaults})
 
 init_optimizer_state = _submission.init_optimizer_state
 update_params = _submission.update_params

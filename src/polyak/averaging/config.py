@@ -2,8 +2,8 @@
 
 Hyperparameter names (the public interface, shared by both frameworks):
 
-- ``averaging``: ``"none"`` | ``"lawa"`` | ``"ema"`` | ``"twa"`` (missing means
-  ``"none"``). ``"twa"`` (trainable weight averaging, TWA-t; PyTorch only)
+- ``averaging``: one of :data:`MODES` (missing means ``"none"``). ``"twa"``
+  (trainable weight averaging, TWA-t; in :data:`TORCH_ONLY_MODES`)
   collects exactly like LAWA: the window's snapshots are the checkpoints whose
   averaging coefficients are fitted on recent training batches at each eval.
 - ``averaging_every`` (ν): steps between two collections.
@@ -17,8 +17,13 @@ Hyperparameter names (the public interface, shared by both frameworks):
   step path; ``"sharded"`` split over the DDP ranks (PyTorch; JAX treats it as
   ``"device"``). All give the same averages.
 - ``twa_steps``, ``twa_batches``, ``twa_lr``, ``twa_layerwise``,
-  ``twa_recompute_bn``: the TWA fit (see :class:`TWAConfig`). Type-checked
-  whatever the mode; they only matter when ``averaging="twa"``.
+  ``twa_recompute_bn``: the TWA fit (see :class:`TWAConfig`), held as
+  ``AveragingConfig.twa``. Type-checked whatever the mode; they only matter
+  when ``averaging="twa"``.
+
+Each config reads its names through one table (``HYPERPARAMETERS``: name →
+field); a field's default is the dataclass default, except ``every``, whose
+default depends on ``step_hint`` and the window.
 
 Collection rule. Steps are counted from 1: ``step = global_step + 1`` after the
 optimizer step of AlgoPerf's ``update_params(global_step=...)``. A collection
@@ -32,7 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal
 
 from polyak.hyperparameters import lookup
 
@@ -41,6 +48,8 @@ Placement = Literal["device", "host", "sharded"]
 BufferPolicy = Literal["live", "average"]
 
 MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
+# Trainable weight averaging exists only in the PyTorch averager.
+TORCH_ONLY_MODES: tuple[str, ...] = ("twa",)
 # Modes that keep a LAWA window of snapshots (TWA fits over them).
 WINDOW_MODES: tuple[str, ...] = ("lawa", "twa")
 PLACEMENTS: tuple[str, ...] = ("device", "host", "sharded")
@@ -51,9 +60,27 @@ DEFAULT_BETA = 0.9
 # The paper's best horizon: ν·L ≈ 1% of the step budget.
 HORIZON_FRACTION = 0.01
 
-DEFAULT_TWA_STEPS = 50
-DEFAULT_TWA_BATCHES = 8
-DEFAULT_TWA_LR = 0.1
+
+def _read(config_type: Any, hyperparameters: Any) -> dict[str, Any]:
+    """Field values from the point through the type's table; missing: field defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_type)}
+    return {
+        field: lookup(hyperparameters, name, defaults[field])
+        for name, field in config_type.HYPERPARAMETERS.items()
+    }
+
+
+def _is_int(value: Any) -> bool:
+    # JSON search spaces give floats such as 64.0; bools are not counts.
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _safe(window: Any) -> int:
+    # The default ν is derived from L before L is validated; a bad L is
+    # reported by __post_init__, not by this arithmetic.
+    return window if _is_int(window) and window >= 1 else DEFAULT_WINDOW
 
 
 class AveragingError(ValueError):
@@ -71,7 +98,7 @@ class TWAConfig:
     - ``steps`` (``twa_steps``): optimizer steps on the coefficients; 0 gives
       uniform LAWA.
     - ``batches`` (``twa_batches``): how many recent training batches the fit
-      cycles through (kept by the averager; :func:`fit_twa` uses those it is given).
+      cycles through (kept by the averager; ``fit_twa`` uses those it is given).
     - ``lr`` (``twa_lr``): Adam's peak learning rate, in units of the
       checkpoints' spread, decayed to 0 by a cosine.
     - ``layerwise`` (``twa_layerwise``): ``False``/``0`` learns one coefficient
@@ -82,11 +109,22 @@ class TWAConfig:
       statistics for the result.
     """
 
-    steps: int = DEFAULT_TWA_STEPS
-    batches: int = DEFAULT_TWA_BATCHES
-    lr: float = DEFAULT_TWA_LR
+    steps: int = 50
+    batches: int = 8
+    lr: float = 0.1
     layerwise: bool | int = False
     recompute_batch_norm: bool = True
+
+    # Hyperparameter name → field.
+    HYPERPARAMETERS: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {
+            "twa_steps": "steps",
+            "twa_batches": "batches",
+            "twa_lr": "lr",
+            "twa_layerwise": "layerwise",
+            "twa_recompute_bn": "recompute_batch_norm",
+        }
+    )
 
     def __post_init__(self) -> None:
         if not _is_int(self.steps) or self.steps < 0:
@@ -123,14 +161,8 @@ class TWAConfig:
 
     @classmethod
     def from_hyperparameters(cls, hyperparameters: Any) -> TWAConfig:
-        """Reads the ``twa_*`` names (missing or None: the defaults above)."""
-        return cls(
-            steps=lookup(hyperparameters, "twa_steps", DEFAULT_TWA_STEPS),
-            batches=lookup(hyperparameters, "twa_batches", DEFAULT_TWA_BATCHES),
-            lr=lookup(hyperparameters, "twa_lr", DEFAULT_TWA_LR),
-            layerwise=lookup(hyperparameters, "twa_layerwise", False),
-            recompute_batch_norm=lookup(hyperparameters, "twa_recompute_bn", True),
-        )
+        """Reads the ``twa_*`` names (missing or None: the field defaults)."""
+        return cls(**_read(cls, hyperparameters))
 
     @property
     def tensors_per_block(self) -> int:
@@ -155,12 +187,24 @@ class AveragingConfig:
     step_hint: int = 1
     buffers: BufferPolicy = "live"
     placement: Placement = "device"
-    # Flat, so that ``AveragingConfig(**dataclasses.asdict(config))`` round-trips.
-    twa_steps: int = DEFAULT_TWA_STEPS
-    twa_batches: int = DEFAULT_TWA_BATCHES
-    twa_lr: float = DEFAULT_TWA_LR
-    twa_layerwise: bool | int = False
-    twa_recompute_bn: bool = True
+    twa: TWAConfig = TWAConfig()
+
+    # Hyperparameter name → field (the twa_* names are TWAConfig's).
+    HYPERPARAMETERS: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {
+            "averaging": "mode",
+            "averaging_every": "every",
+            "lawa_window": "window",
+            "ema_beta": "beta",
+            "averaging_start_frac": "start_frac",
+            "averaging_buffers": "buffers",
+            "averaging_placement": "placement",
+        }
+    )
+    # Every name :meth:`from_hyperparameters` reads.
+    HYPERPARAMETER_NAMES: ClassVar[frozenset[str]] = frozenset(HYPERPARAMETERS) | frozenset(
+        TWAConfig.HYPERPARAMETERS
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -189,23 +233,13 @@ class AveragingConfig:
             raise AveragingError(
                 f"averaging_placement={self.placement!r} is unknown; expected one of {PLACEMENTS}"
             )
+        if not isinstance(self.twa, TWAConfig):
+            raise TWAError(f"twa={self.twa!r} must be a TWAConfig")
         if self.mode == "twa" and self.buffers == "average":
             raise TWAError(
                 "averaging='twa' with averaging_buffers='average' is not supported: TWA "
                 "recomputes the BatchNorm statistics for its weights; use averaging_buffers='live'"
             )
-        # Type-checks (and normalises) the twa_* values whatever the mode.
-        twa = TWAConfig(
-            steps=self.twa_steps,
-            batches=self.twa_batches,
-            lr=self.twa_lr,
-            layerwise=self.twa_layerwise,
-            recompute_batch_norm=self.twa_recompute_bn,
-        )
-        object.__setattr__(self, "twa_steps", twa.steps)
-        object.__setattr__(self, "twa_batches", twa.batches)
-        object.__setattr__(self, "twa_lr", twa.lr)
-        object.__setattr__(self, "twa_layerwise", twa.layerwise)
         # Normalise JSON floats (64.0) to the ints the buffers are sized by.
         object.__setattr__(self, "every", int(self.every))
         object.__setattr__(self, "window", int(self.window))
@@ -216,27 +250,24 @@ class AveragingConfig:
     @classmethod
     def from_hyperparameters(cls, hyperparameters: Any, step_hint: int) -> AveragingConfig:
         """Reads the averaging names from an AlgoPerf hyperparameter point (or None)."""
-        window = lookup(hyperparameters, "lawa_window", DEFAULT_WINDOW)
-        mode = lookup(hyperparameters, "averaging", "none")
-        if isinstance(mode, str):
-            mode = mode.lower()
+        values = _read(cls, hyperparameters)
+        if isinstance(values["mode"], str):
+            values["mode"] = values["mode"].lower()
+        if lookup(hyperparameters, "averaging_every", None) is None:
+            values["every"] = default_every(step_hint, _safe(values["window"]))
         return cls(
-            mode=mode,
-            every=lookup(
-                hyperparameters, "averaging_every", default_every(step_hint, _safe(window))
-            ),
-            window=window,
-            beta=lookup(hyperparameters, "ema_beta", DEFAULT_BETA),
-            start_frac=lookup(hyperparameters, "averaging_start_frac", 0.0),
+            **values,
             step_hint=step_hint,
-            buffers=lookup(hyperparameters, "averaging_buffers", "live"),
-            placement=lookup(hyperparameters, "averaging_placement", "device"),
-            twa_steps=lookup(hyperparameters, "twa_steps", DEFAULT_TWA_STEPS),
-            twa_batches=lookup(hyperparameters, "twa_batches", DEFAULT_TWA_BATCHES),
-            twa_lr=lookup(hyperparameters, "twa_lr", DEFAULT_TWA_LR),
-            twa_layerwise=lookup(hyperparameters, "twa_layerwise", False),
-            twa_recompute_bn=lookup(hyperparameters, "twa_recompute_bn", True),
+            twa=TWAConfig.from_hyperparameters(hyperparameters),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, as :meth:`from_dict` reads them (for checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> AveragingConfig:
+        return cls(**{**values, "twa": TWAConfig(**values["twa"])})
 
     @property
     def enabled(self) -> bool:
@@ -248,17 +279,6 @@ class AveragingConfig:
         return self.mode in WINDOW_MODES
 
     @property
-    def twa(self) -> TWAConfig:
-        """The TWA fit settings (meaningful when ``mode == "twa"``)."""
-        return TWAConfig(
-            steps=self.twa_steps,
-            batches=self.twa_batches,
-            lr=self.twa_lr,
-            layerwise=self.twa_layerwise,
-            recompute_batch_norm=self.twa_recompute_bn,
-        )
-
-    @property
     def start_step(self) -> int:
         """The first step (counted from 1) that may be collected."""
         return max(1, math.ceil(self.start_frac * self.step_hint))
@@ -266,16 +286,3 @@ class AveragingConfig:
     def should_collect(self, step: int) -> bool:
         """Whether the weights after step ``step`` (counted from 1) are collected."""
         return self.enabled and step >= self.start_step and step % self.every == 0
-
-
-def _is_int(value: Any) -> bool:
-    # JSON search spaces give floats such as 64.0; bools are not counts.
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-
-
-def _safe(window: Any) -> int:
-    # The default ν is derived from L before L is validated; a bad L is
-    # reported by __post_init__, not by this arithmetic.
-    return window if _is_int(window) and window >= 1 else DEFAULT_WINDOW

@@ -19,28 +19,14 @@ Works with AlgoPerf's pins (jax 0.7.0, optax 0.2.2) and current releases.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from polyak.hyperparameters import lookup
+from polyak.optim.nadamw_config import EPSILON, NadamWConfig
 from polyak.optim.schedules import warmup_steps_for
-
-EPSILON = 1e-8
-
-# The first point of AlgoPerf's NAdamW baseline search space; used whole in the
-# self-tuning ruleset (hyperparameters=None) and per name when one is missing.
-DEFAULT_HYPERPARAMETERS: dict[str, float] = {
-    "learning_rate": 0.001308209823469072,
-    "one_minus_beta1": 0.02686663061,
-    "beta2": 0.9981232922116359,
-    "weight_decay": 0.16375311233774334,
-    "warmup_factor": 0.1,
-    "label_smoothing": 0.1,
-    "dropout_rate": 0.0,
-}
 
 
 class ScaleByNadamState(NamedTuple):
@@ -130,33 +116,15 @@ def warmup_cosine_schedule(
     return optax.join_schedules(schedules=[warmup, cosine], boundaries=[warmup_steps])
 
 
-def make_nadamw(hyperparameters: Any, step_hint: int) -> optax.GradientTransformation:
-    """The optimizer the AlgoPerf JAX builder uses; ``hyperparameters`` may be None."""
-
-    def read(name: str) -> float:
-        value = lookup(hyperparameters, name, DEFAULT_HYPERPARAMETERS[name])
-        return _as_float(name, value)
-
-    learning_rate = read("learning_rate")
-    one_minus_beta1 = read("one_minus_beta1")
-    beta2 = read("beta2")
-    weight_decay = read("weight_decay")
-    warmup_factor = read("warmup_factor")
-
-    _check_non_negative("learning_rate", learning_rate)
-    if not 0.0 < one_minus_beta1 <= 1.0:
-        raise ValueError(
-            f"one_minus_beta1={one_minus_beta1!r} must lie in (0, 1], so that beta1 lies in [0, 1)"
-        )
-    _check_beta("beta2", beta2)
-    _check_non_negative("weight_decay", weight_decay)
-    schedule = warmup_cosine_schedule(learning_rate, warmup_factor, step_hint)
+def make_nadamw(config: NadamWConfig, step_hint: int) -> optax.GradientTransformation:
+    """NadamW with AlgoPerf's warmup + cosine schedule, as the JAX builder uses it."""
+    schedule = warmup_cosine_schedule(config.learning_rate, config.warmup_factor, step_hint)
     return nadamw(
         learning_rate=schedule,
-        b1=1.0 - one_minus_beta1,
-        b2=beta2,
-        eps=EPSILON,
-        weight_decay=weight_decay,
+        b1=config.beta1,
+        b2=config.beta2,
+        eps=config.epsilon,
+        weight_decay=config.weight_decay,
     )
 
 
@@ -182,15 +150,6 @@ def _scale_by_negative_learning_rate(
     if callable(learning_rate):
         return optax.scale_by_schedule(lambda count: -learning_rate(count))
     return optax.scale(-learning_rate)
-
-
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be a number, not a bool")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} must be a number") from None
 
 
 def _check_beta(name: str, value: float) -> None:

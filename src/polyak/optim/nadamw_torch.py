@@ -24,8 +24,8 @@ on first use (seconds to tens of seconds, depending on the machine and on induct
 on-disk cache), checked against a float64 reference on a tiny problem, and replaced by
 the foreach path with a single warning if either step fails.
 
-:func:`make_nadamw` builds the optimizer and AlgoPerf's warmup + cosine schedule from
-one point of the tuning search space (or the self-tuning defaults).
+:func:`make_nadamw` builds the optimizer and AlgoPerf's warmup + cosine schedule from a
+:class:`~polyak.optim.nadamw_config.NadamWConfig`.
 """
 
 from __future__ import annotations
@@ -41,32 +41,16 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from polyak.hyperparameters import lookup
+from polyak.optim.nadamw_config import EPSILON, NadamWConfig
 from polyak.optim.schedules import warmup_cosine_multiplier, warmup_steps_for
 
 __all__ = [
-    "DEFAULT_HYPERPARAMETERS",
     "EPSILON",
     "NAdamW",
     "NAdamWHyperparameterError",
     "make_nadamw",
     "nadamw",
 ]
-
-# The first point of AlgoPerf's NAdamW baseline search space: sound defaults for the
-# self-tuning ruleset, where the submission receives no hyperparameters.
-DEFAULT_HYPERPARAMETERS: dict[str, float] = {
-    "learning_rate": 0.001308209823469072,
-    "one_minus_beta1": 0.02686663061,
-    "beta2": 0.9981232922116359,
-    "weight_decay": 0.16375311233774334,
-    "warmup_factor": 0.1,
-    "label_smoothing": 0.1,
-    "dropout_rate": 0.0,
-}
-
-# AlgoPerf's baselines fix epsilon rather than tuning it.
-EPSILON = 1e-8
 
 # Tensors per call of the compiled kernel. A call costs tens of microseconds of Python
 # and guard overhead, while compile time grows with the tensors one graph holds. With
@@ -774,47 +758,19 @@ def _fused_nadamw(
 
 
 def make_nadamw(
-    params: Iterable[Tensor], hyperparameters: Any, step_hint: int
+    params: Iterable[Tensor], config: NadamWConfig, step_hint: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """NAdamW plus AlgoPerf's warmup + cosine schedule (held at 0 past ``step_hint``).
 
-    ``hyperparameters`` is one point of the search space (namedtuple, namespace, dict)
-    or None; each missing name falls back to :data:`DEFAULT_HYPERPARAMETERS`. Call
-    ``optimizer.step()`` then ``scheduler.step()`` once per training step.
+    Call ``optimizer.step()`` then ``scheduler.step()`` once per training step.
     """
-
-    def read(name: str) -> float:
-        value = lookup(hyperparameters, name, DEFAULT_HYPERPARAMETERS[name])
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise NAdamWHyperparameterError(
-                f"hyperparameter {name}={value!r} must be a number"
-            ) from None
-
-    learning_rate = read("learning_rate")
-    one_minus_beta1 = read("one_minus_beta1")
-    beta2 = read("beta2")
-    weight_decay = read("weight_decay")
-    warmup_factor = read("warmup_factor")
-    if not learning_rate >= 0.0:
-        raise NAdamWHyperparameterError(f"learning_rate={learning_rate!r} must be >= 0")
-    if not 0.0 < one_minus_beta1 <= 1.0:
-        raise NAdamWHyperparameterError(
-            f"one_minus_beta1={one_minus_beta1!r} must lie in (0, 1] (beta1 in [0, 1))"
-        )
-    if not 0.0 <= beta2 < 1.0:
-        raise NAdamWHyperparameterError(f"beta2={beta2!r} must lie in [0, 1)")
-    if not weight_decay >= 0.0:
-        raise NAdamWHyperparameterError(f"weight_decay={weight_decay!r} must be >= 0")
-    warmup_steps = warmup_steps_for(warmup_factor, step_hint)
-
+    warmup_steps = warmup_steps_for(config.warmup_factor, step_hint)
     optimizer = NAdamW(
         params,
-        lr=learning_rate,
-        betas=(1.0 - one_minus_beta1, beta2),
-        eps=EPSILON,
-        weight_decay=weight_decay,
+        lr=config.learning_rate,
+        betas=(config.beta1, config.beta2),
+        eps=config.epsilon,
+        weight_decay=config.weight_decay,
     )
     multiplier = functools.partial(
         warmup_cosine_multiplier, warmup_steps=warmup_steps, step_hint=step_hint

@@ -59,18 +59,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from polyak.hyperparameters import lookup
 from polyak.optim.nadamw_jax import warmup_cosine_schedule
 from polyak.optim.schedules import warmup_steps_for
 from polyak.optim.shampoo_blocking import ParameterPlan, grafting_blocks, plan_parameter
 from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
-from polyak.optim.shampoo_hyperparameters import (
-    DEFAULT_HYPERPARAMETERS,
-    shampoo_config_from_hyperparameters,
-)
 
 __all__ = [
-    "DEFAULT_HYPERPARAMETERS",
     "EmaMomentumState",
     "ScaleByShampooState",
     "SkipUnusableStepsState",
@@ -79,7 +73,6 @@ __all__ = [
     "scale_by_ema_momentum",
     "scale_by_shampoo",
     "shampoo",
-    "shampoo_config_from_hyperparameters",
     "shampoo_schedule",
     "skip_unusable_steps",
     "training_metrics",
@@ -829,30 +822,22 @@ def shampoo(
 # ---------------------------------------------------------------------- factory
 
 
-def make_shampoo(hyperparameters: Any, step_hint: int) -> optax.GradientTransformation:
-    """The optimizer the AlgoPerf JAX builder uses; ``hyperparameters`` may be None."""
-    config = shampoo_config_from_hyperparameters(hyperparameters)
-    return shampoo(shampoo_schedule(hyperparameters, step_hint), config)
+def make_shampoo(config: ShampooConfig, step_hint: int) -> optax.GradientTransformation:
+    """Shampoo with its schedule, as the JAX builder uses it."""
+    return shampoo(shampoo_schedule(config, step_hint), config)
 
 
-def shampoo_schedule(hyperparameters: Any, step_hint: int) -> optax.Schedule:
+def shampoo_schedule(config: ShampooConfig, step_hint: int) -> optax.Schedule:
     """The learning rate at a count of steps already taken, as the torch twin's scheduler.
 
     Warmup then cosine decay to 0 over ``step_hint_factor · step_hint`` steps,
     or a constant rate after warmup when ``use_cosine_decay`` is False.
     """
-
-    def read(name: str) -> Any:
-        return lookup(hyperparameters, name, DEFAULT_HYPERPARAMETERS[name])
-
-    learning_rate = float(read("learning_rate"))
-    if not (math.isfinite(learning_rate) and learning_rate >= 0.0):
-        raise ShampooConfigError(f"learning_rate={learning_rate!r} must be a finite number >= 0")
-    horizon = max(1, int(float(read("step_hint_factor")) * step_hint))
-    warmup_factor = float(read("warmup_factor"))
-    if bool(read("use_cosine_decay")):
-        return warmup_cosine_schedule(learning_rate, warmup_factor, horizon)
-    warmup_steps = warmup_steps_for(warmup_factor, horizon)
+    learning_rate = config.learning_rate
+    horizon = max(1, int(config.step_hint_factor * step_hint))
+    if config.use_cosine_decay:
+        return warmup_cosine_schedule(learning_rate, config.warmup_factor, horizon)
+    warmup_steps = warmup_steps_for(config.warmup_factor, horizon)
     if warmup_steps == 0:
         return optax.constant_schedule(learning_rate)
     return optax.linear_schedule(

@@ -87,7 +87,6 @@ import torch.distributed as dist
 from absl import logging as absl_logging
 
 from polyak.distributed_torch import rank_and_world
-from polyak.hyperparameters import lookup
 from polyak.optim.schedules import (
     constant_multiplier,
     warmup_cosine_multiplier,
@@ -101,16 +100,10 @@ from polyak.optim.shampoo_blocking import (
     plan_parameter,
 )
 from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
-from polyak.optim.shampoo_hyperparameters import (
-    DEFAULT_HYPERPARAMETERS,
-    shampoo_config_from_hyperparameters,
-)
 
 __all__ = [
-    "DEFAULT_HYPERPARAMETERS",
     "Shampoo",
     "make_shampoo",
-    "shampoo_config_from_hyperparameters",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -716,34 +709,19 @@ def _restore_dtypes(loaded: Any, saved: Any, device: torch.device) -> Any:
 
 
 def make_shampoo(
-    params: Iterable[torch.Tensor],
-    hyperparameters: Any,
-    step_hint: int,
+    params: Iterable[torch.Tensor], config: ShampooConfig, step_hint: int
 ) -> tuple[Shampoo, torch.optim.lr_scheduler.LRScheduler]:
-    """Shampoo and its warmup + cosine schedule, from AlgoPerf hyperparameters.
+    """Shampoo and its warmup + cosine schedule.
 
     The schedule's horizon is ``step_hint_factor · step_hint`` (as in the v0.5
     submission); with ``use_cosine_decay`` False the rate stays at its peak
     after warmup. Call ``optimizer.step()`` then ``scheduler.step()`` once per
     training step.
     """
-    config = shampoo_config_from_hyperparameters(hyperparameters)
-    learning_rate = float(
-        lookup(hyperparameters, "learning_rate", DEFAULT_HYPERPARAMETERS["learning_rate"])
-    )
-    optimizer = Shampoo(params, lr=learning_rate, config=config)
-    step_hint_factor = float(
-        lookup(hyperparameters, "step_hint_factor", DEFAULT_HYPERPARAMETERS["step_hint_factor"])
-    )
-    horizon = max(1, int(step_hint_factor * step_hint))
-    warmup_factor = float(
-        lookup(hyperparameters, "warmup_factor", DEFAULT_HYPERPARAMETERS["warmup_factor"])
-    )
-    warmup_steps = warmup_steps_for(warmup_factor, horizon)
-    use_cosine = bool(
-        lookup(hyperparameters, "use_cosine_decay", DEFAULT_HYPERPARAMETERS["use_cosine_decay"])
-    )
-    multiplier = warmup_cosine_multiplier if use_cosine else constant_multiplier
+    optimizer = Shampoo(params, lr=config.learning_rate, config=config)
+    horizon = max(1, int(config.step_hint_factor * step_hint))
+    warmup_steps = warmup_steps_for(config.warmup_factor, horizon)
+    multiplier = warmup_cosine_multiplier if config.use_cosine_decay else constant_multiplier
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         functools.partial(_schedule, multiplier, warmup_steps=warmup_steps, step_hint=horizon),

@@ -4,13 +4,17 @@ The averaging is chosen by the hyperparameters (`averaging`, `averaging_every`,
 `lawa_window`, `ema_beta`, ...); see tuning_search_spaces/nadamw*.json.
 """
 
-from polyak.algoperf.jax_builder import build_submission
-from polyak.optim.nadamw_jax import DEFAULT_HYPERPARAMETERS, make_nadamw
+from polyak.algoperf.builder_jax import build_submission
+from polyak.optim.nadamw_config import NadamWConfig
+from polyak.optim.nadamw_jax import make_nadamw
 
-_submission = build_submission(make_nadamw, DEFAULT_HYPERPARAMETERS)
+_submission = build_submission(make_nadamw, NadamWConfig)
 
 init_optimizer_state = _submission.init_optimizer_state
 update_params = _submission.update_params
 prepare_for_eval = _submission.prepare_for_eval
 get_batch_size = _submission.get_batch_size
 data_selection = _submission.data_selection
+
+# The self-tuning point; the study runner reads its names.
+DEFAULT_HYPERPARAMETERS = NadamWConfig.DEFAULT_HYPERPARAMETERS

@@ -1,11 +1,13 @@
 """Builds AlgoPerf's five submission functions for PyTorch.
 
-A submission is an optimizer factory plus its default hyperparameters; the
-builder adds what every polyak submission shares: the loss as AlgoPerf's
-baseline computes it (summed / n_valid, all-reduced under DDP), label
-smoothing, dropout, optional gradient clipping, training metrics, and weight
-averaging evaluated through ``prepare_for_eval``.
+A submission is an optimizer factory plus its config type; the builder adds
+what every polyak submission shares: the loss as AlgoPerf's baseline computes
+it (summed / n_valid, all-reduced under DDP), label smoothing, dropout,
+optional gradient clipping, training metrics, and weight averaging evaluated
+through ``prepare_for_eval``.
 
+The hyperparameters are read once, in ``init_optimizer_state``, into a
+:class:`~polyak.algoperf.trial_config.TrialConfig` kept in the optimizer state.
 ``optimizer_state`` is a dict whose every value has ``state_dict`` and
 ``load_state_dict``, because AlgoPerf's torch checkpointing calls them.
 """
@@ -19,11 +21,10 @@ import torch
 from absl import logging
 
 from polyak.algoperf import spec
-from polyak.algoperf.api import Submission, data_selection, should_log
 from polyak.algoperf.batch_sizes import get_batch_size
-from polyak.algoperf.defaults import resolve_hyperparameters, self_tuning_placement
-from polyak.averaging.config import AveragingConfig
-from polyak.averaging.torch_backend import TorchAverager, TWAFitContext
+from polyak.algoperf.submission_api import Submission, data_selection, should_log
+from polyak.algoperf.trial_config import OptimizerConfig, TrialConfig, resolve_trial_config
+from polyak.averaging.averager_torch import TorchAverager, TWAFitContext
 from polyak.distributed_torch import is_distributed
 
 OptimizerFactory = Callable[
@@ -34,16 +35,10 @@ OptimizerFactory = Callable[
 
 def build_submission(
     make_optimizer: OptimizerFactory,
-    optimizer_defaults: Mapping[str, Any],
+    optimizer_config: type[OptimizerConfig],
     self_tuning_extra: Mapping[str, Any] | None = None,
 ) -> Submission:
-    """Turns an optimizer factory into AlgoPerf's five submission functions."""
-
-    def hyperparameters_of(hyperparameters: Any) -> Any:
-        # Self-tuning keeps the window off the accelerator when there is one.
-        accelerated = hyperparameters is None and torch.cuda.is_available()
-        self_tuning = {**self_tuning_placement(accelerated), **(self_tuning_extra or {})}
-        return resolve_hyperparameters(hyperparameters, optimizer_defaults, self_tuning)
+    """Turns an optimizer factory and its config type into AlgoPerf's five functions."""
 
     def init_optimizer_state(
         workload: spec.Workload,
@@ -53,15 +48,22 @@ def build_submission(
         rng: Any,
     ) -> dict[str, Any]:
         del model_state, rng
-        hp = hyperparameters_of(hyperparameters)
-        # Validate averaging first: a bad value should fail before any
-        # optimizer memory is allocated.
-        averaging = AveragingConfig.from_hyperparameters(hp, workload.step_hint)
-        optimizer, scheduler = make_optimizer(model_params.parameters(), hp, workload.step_hint)
+        config = resolve_trial_config(
+            hyperparameters,
+            optimizer_config,
+            workload.step_hint,
+            # Self-tuning keeps the window off the accelerator when there is one.
+            accelerator_present=hyperparameters is None and torch.cuda.is_available(),
+            self_tuning_extra=self_tuning_extra,
+        )
+        optimizer, scheduler = make_optimizer(
+            model_params.parameters(), config.optimizer, workload.step_hint
+        )
         return {
+            "config": config,
             "optimizer": optimizer,
             "scheduler": scheduler,
-            "averager": TorchAverager(averaging, model_params),
+            "averager": TorchAverager(config.averaging, model_params),
         }
 
     def update_params(
@@ -78,8 +80,8 @@ def build_submission(
         rng: Any,
         train_state: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], torch.nn.Module, Any]:
-        del current_params_types, loss_type, eval_results, train_state
-        hp = hyperparameters_of(hyperparameters)
+        del current_params_types, hyperparameters, loss_type, eval_results, train_state
+        training = optimizer_state["config"].training
         model = current_param_container
         averager: TorchAverager = optimizer_state["averager"]
         optimizer: torch.optim.Optimizer = optimizer_state["optimizer"]
@@ -95,14 +97,13 @@ def build_submission(
             batch,
             rng,
             update_batch_norm=True,
-            dropout_rate=hp.dropout_rate,
-            label_smoothing=getattr(hp, "label_smoothing", 0.0),
+            dropout_rate=training.dropout_rate,
+            label_smoothing=training.label_smoothing,
         )
         loss.backward()
 
-        grad_clip = getattr(hp, "grad_clip", None)
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=grad_clip)
+        if training.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=training.grad_clip)
         # A host-placed snapshot may still be copying the weights (CUDA only).
         averager.before_optimizer_step()
         optimizer.step()
@@ -126,13 +127,13 @@ def build_submission(
         global_step: int,
         rng: Any,
     ) -> tuple[dict[str, Any], torch.nn.Module, Any]:
-        del current_params_types, loss_type, eval_results, global_step
+        del current_params_types, hyperparameters, loss_type, eval_results, global_step
+        config: TrialConfig = optimizer_state["config"]
         averager: TorchAverager = optimizer_state["averager"]
         fit_context = None
-        if averager.config.mode == "twa":
-            hp = hyperparameters_of(hyperparameters)
+        if config.averaging.mode == "twa":
             fit_context = _twa_fit_context(
-                workload, model_state, rng, getattr(hp, "label_smoothing", 0.0)
+                workload, model_state, rng, config.training.label_smoothing
             )
         # TWA fits here, inside prepare_for_eval: its time is submission time.
         averager.swap_in_average(fit_context=fit_context)

@@ -36,7 +36,7 @@ class Footprint:
         return self.window + self.accumulator + self.staging + self.eval_buffers
 
 
-def footprint(
+def estimate(
     config: AveragingConfig,
     num_elements: int,
     weight_bytes: int,

@@ -1,14 +1,12 @@
 """LAWA and EMA of a JAX params pytree, as pure functions.
 
-The twin of ``torch_backend``: the same config, collection rule, fp32
+The twin of ``lawa_ema_torch``: the same config, collection rule, fp32
 accumulators and O(1) LAWA running sum, written as ``init`` / ``collect`` /
 ``average`` over an explicit state pytree, so it can live inside AlgoPerf's
 JAX ``optimizer_state`` and be jitted into the train step.
 
-Placement is the caller's choice: the functions run wherever their inputs
-live. The AlgoPerf builder keeps the state beside the params (fused into the
-train step) or, for ``"host"``, on the CPU device, where ``collect`` runs as
-its own jitted program on snapshots moved there asynchronously.
+The functions run wherever their inputs live; :class:`~polyak.averaging.
+averager_jax.JaxAverager` decides where (``placements_jax``).
 
 ``collect`` does not check the collection rule itself: the caller knows the
 step on the host (AlgoPerf passes ``global_step`` as a Python int) and calls a
@@ -18,13 +16,11 @@ work and nothing waits on the device.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from polyak.averaging import memory
 from polyak.averaging.config import AveragingConfig
 
 PyTree = Any
@@ -142,30 +138,3 @@ def average(config: AveragingConfig, state: AveragingState, params: PyTree) -> P
         mean = state.ema
     none_yet = state.num_collected == 0
     return jax.tree.map(lambda m, p: jnp.where(none_yet, p, m.astype(p.dtype)), mean, params)
-
-
-def footprint(config: AveragingConfig, params: PyTree) -> memory.Footprint:
-    """The bytes :func:`init` allocates (plus the snapshot and the average in flight)."""
-    leaves = jax.tree.leaves(params)
-    num_elements = sum(math.prod(x.shape) for x in leaves)
-    weight_bytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
-    return memory.footprint(
-        config, num_elements, weight_bytes, staging=config.placement == "host", stash=True
-    )
-
-
-def check_fits(config: AveragingConfig, params: PyTree, device: jax.Device) -> None:
-    """Raises :class:`memory.AveragingMemoryError` if the state would not fit on ``device``.
-
-    Host placement is checked against the host's available memory; an
-    accelerator against what its allocator reports free (when it reports).
-    """
-    if not config.enabled:
-        return
-    if device.platform == "cpu":
-        available = memory.available_host_bytes()
-    else:
-        stats = device.memory_stats() or {}
-        limit, in_use = stats.get("bytes_limit"), stats.get("bytes_in_use", 0)
-        available = None if limit is None else limit - in_use
-    memory.check_fits(config, footprint(config, params), available, f"{device.platform} device")

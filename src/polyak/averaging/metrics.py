@@ -1,4 +1,4 @@
-"""What averaging costs and what it skipped, for the training log.
+"""What averaging reports to the training log: what it costs and what it skipped.
 
 Averaging has to cost nothing measurable, so its three moments are timed:
 collection (on the step path), swap (in ``prepare_for_eval``) and restore
@@ -13,9 +13,6 @@ once a minute, so a diverging run does not flood the log.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from absl import logging
 
@@ -35,14 +32,6 @@ class Timings:
         with self._lock:
             self._seconds[name] = self._seconds.get(name, 0.0) + seconds
             self._counts[name] = self._counts.get(name, 0) + 1
-
-    @contextmanager
-    def time(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.record(name, time.perf_counter() - start)
 
     def drain_ms(self) -> dict[str, float]:
         """``{"averaging/<name>_ms": mean}`` for each event seen since the last call."""

@@ -23,9 +23,8 @@ How it is built and fitted:
   nothing new (duplicate checkpoints) and is dropped.
 - Memory: θ̄ plus K − 1 basis rows, K × D fp32 numbers for D weights.
   Under ``torch.distributed`` with more than one rank, every rank holds the
-  same 1/world slice of θ̄ and of every basis row (the slicing of the
-  sharded LAWA placement: the flattened parameters padded to a multiple of
-  the world size). Inner products are local partial sums all-reduced in
+  same 1/world slice of θ̄ and of every basis row (``flat_layout_torch``,
+  the slicing of the sharded LAWA placement). Inner products are local partial sums all-reduced in
   coefficient space, the coefficient gradient P g is one all-reduce of a
   (K − 1) × blocks matrix, and the weights are all-gathered after each
   update. The result equals the single-process one to rounding, provided the
@@ -61,16 +60,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from polyak.averaging.config import DEFAULT_TWA_BATCHES as DEFAULT_BATCHES
-from polyak.averaging.config import DEFAULT_TWA_LR as DEFAULT_LR
-from polyak.averaging.config import DEFAULT_TWA_STEPS as DEFAULT_STEPS
 from polyak.averaging.config import TWAConfig, TWAError
-from polyak.distributed_torch import all_gather_flat, all_reduce_sum, rank_and_world, unwrap_module
+from polyak.averaging.flat_layout_torch import FlatLayout
+from polyak.distributed_torch import all_reduce_sum, rank_and_world, unwrap_module
 
 __all__ = [
-    "DEFAULT_BATCHES",
-    "DEFAULT_LR",
-    "DEFAULT_STEPS",
     "TWAConfig",
     "TWAError",
     "TWAResult",
@@ -98,73 +92,6 @@ def blocks_for(num_tensors: int, config: TWAConfig) -> list[list[int]]:
         list(range(start, min(start + per_block, num_tensors)))
         for start in range(0, num_tensors, per_block)
     ]
-
-
-# -- distributed helpers ---------------------------------------------------------
-
-
-# -- the flattened, sliced coordinates ---------------------------------------------
-
-
-class FlatLayout:
-    """Where each tensor lies in the flattened weights, and this rank's slice of them.
-
-    The tensors are concatenated in order and padded to a multiple of the
-    world size; rank r owns ``[r·shard, (r+1)·shard)``, as the sharded
-    averaging placement slices them.
-    """
-
-    def __init__(self, shapes: Sequence[torch.Size], rank: int = 0, world: int = 1) -> None:
-        if world < 1 or not 0 <= rank < world:
-            raise TWAError(f"rank {rank} of world {world} is not a valid placement")
-        self.shapes = [torch.Size(s) for s in shapes]
-        self.rank, self.world = rank, world
-        self.sizes = [s.numel() for s in self.shapes]
-        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-        self.num_elements = sum(self.sizes)
-        self.shard = max(1, -(-self.num_elements // world))
-        self.begin = rank * self.shard
-        self.end = min(self.begin + self.shard, self.num_elements)
-        # (tensor index, first element, end element, offset in the shard)
-        self.pieces: list[tuple[int, int, int, int]] = []
-        for index, (offset, size) in enumerate(zip(self.offsets, self.sizes)):
-            first, last = max(self.begin, offset), min(self.end, offset + size)
-            if first < last:
-                self.pieces.append((index, first - offset, last - offset, first - self.begin))
-
-    def local(self, tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
-        """This rank's slice of the flattened tensors, fp32, zero-padded (None reads as 0)."""
-        out = torch.zeros(self.shard, dtype=torch.float32, device=device)
-        for index, first, last, at in self.pieces:
-            tensor = tensors[index]
-            if tensor is not None:
-                out[at : at + last - first].copy_(tensor.detach().reshape(-1)[first:last])
-        return out
-
-    def segments(self, tensor_indices: Sequence[int]) -> list[tuple[int, int]]:
-        """Local column ranges ``[start, end)`` of the given tensors, adjacent ones merged."""
-        wanted = set(tensor_indices)
-        ranges: list[tuple[int, int]] = []
-        for index, first, last, at in self.pieces:
-            if index not in wanted:
-                continue
-            start, end = at, at + last - first
-            if ranges and ranges[-1][1] == start:
-                ranges[-1] = (ranges[-1][0], end)
-            else:
-                ranges.append((start, end))
-        return ranges
-
-    @torch.no_grad()
-    def scatter_into(self, local: torch.Tensor, targets: Sequence[torch.Tensor]) -> None:
-        """Writes the whole flattened vector (gathered from every rank's slice) into ``targets``."""
-        if self.world > 1:
-            full = torch.empty(self.shard * self.world, dtype=local.dtype, device=local.device)
-            all_gather_flat(full, local.contiguous())
-        else:
-            full = local
-        for target, offset, size in zip(targets, self.offsets, self.sizes):
-            target.copy_(full[offset : offset + size].view(target.shape))
 
 
 # -- the subspace -------------------------------------------------------------------

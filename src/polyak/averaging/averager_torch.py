@@ -1,0 +1,345 @@
+"""LAWA, EMA and TWA of a torch module's weights, swapped in for evaluation.
+
+The averager keys its buffers off ``module.parameters()`` order (and, under
+the ``"average"`` buffer policy, the module's floating-point buffers), so it
+works the same on a plain, a DDP-wrapped or a ``torch.compile``-wrapped model.
+
+Life cycle, as AlgoPerf drives it:
+
+1. ``collect(step)`` after every optimizer step; it copies the weights only
+   when the config's collection rule says so.
+2. ``swap_in_average()`` in ``prepare_for_eval``: the live weights are stashed
+   and the average is loaded into the module.
+3. ``restore_live()`` at the start of the next ``update_params``, so training
+   never sees the average.
+
+The placement (``averaging_placement``) decides where the state lives:
+``"device"``, ``"host"`` (folded on a background thread; under CUDA call
+``before_optimizer_step()`` before anything writes the weights again) or
+``"sharded"`` over the DDP ranks. The stores are in ``placements_torch``; all
+give the same averages, bit for bit. The JAX twin is ``averager_jax``.
+
+TWA (``averaging="twa"``) keeps the LAWA window and the last ``twa_batches``
+training batches (``remember_batch``, references only). ``swap_in_average``
+then fits the averaging coefficients over the window's snapshots on those
+batches (:func:`polyak.averaging.twa_torch.fit_twa`) with the loss and forward
+closures of a :class:`TWAFitContext`, and recomputes BatchNorm statistics;
+the live buffers are stashed beside the live weights and come back with them.
+The batches are not checkpointed (they can be large): after a resume the fit
+uses the batches seen since.
+
+``state_dict()`` holds everything, stash included, in one format for all
+placements: AlgoPerf checkpoints right after an eval, when the module holds
+the average, and the live weights must come back from the optimizer state.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from polyak.averaging import metrics, placements_torch, twa_torch
+from polyak.averaging.config import AveragingConfig, TWAError
+from polyak.averaging.lawa_ema_torch import Counters, Tensors
+from polyak.distributed_torch import rank_and_world
+
+
+def tracked_tensors(module: nn.Module, config: AveragingConfig) -> list[torch.Tensor]:
+    """The tensors that are averaged: parameters, then float buffers if asked.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are never averaged:
+    the evaluated model keeps the live ones.
+    """
+    tensors = [p for p in module.parameters()]
+    if config.buffers == "average":
+        tensors += [b for b in module.buffers() if torch.is_floating_point(b)]
+    return tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class TWAFitContext:
+    """What a TWA fit needs from the caller, who knows the workload.
+
+    ``loss_fn(module, batch)`` is the differentiable training loss exactly as
+    a training step computes it, but with no dropout and no BatchNorm update;
+    ``forward_fn(module, batch)`` is a train-mode forward pass that updates
+    BatchNorm statistics (for their recomputation; ``None``: ``loss_fn``).
+    """
+
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None
+
+
+class TorchAverager:
+    """Keeps a LAWA window or an EMA of a module's weights, where the config places it."""
+
+    def __init__(self, config: AveragingConfig, module: nn.Module) -> None:
+        self.config = config
+        self._module = module
+        self._live = tracked_tensors(module, config)
+        self.timings = metrics.Timings()
+        self._counters = Counters()
+        self._swapped = False
+        self._stash: Tensors | None = None
+        self._store: placements_torch.Store | None = None
+        # TWA: the recent training batches, and the live buffers while swapped.
+        self._recent_batches: collections.deque[Any] = collections.deque(maxlen=config.twa.batches)
+        self._buffer_stash: Tensors | None = None
+        self.last_twa_result: twa_torch.TWAResult | None = None
+        if not config.enabled or not self._live:
+            return
+        placements_torch.check_fits(config, self._live)
+        parameter_ids = {id(p) for p in module.parameters()}
+        written_in_forward = [id(t) not in parameter_ids for t in self._live]
+        self._store = placements_torch.store_for(
+            config, self._live, self._counters, self.timings, written_in_forward
+        )
+
+    # -- counters -----------------------------------------------------------------
+
+    @property
+    def num_collected(self) -> int:
+        """Collections folded in so far (waits for a background fold)."""
+        self._join()
+        return self._counters.num_collected
+
+    @property
+    def num_skipped_nonfinite(self) -> int:
+        """Collections skipped because a weight was NaN or inf (waits for a background fold)."""
+        self._join()
+        return self._counters.num_skipped_nonfinite
+
+    @property
+    def swapped(self) -> bool:
+        return self._swapped
+
+    @property
+    def placement(self) -> placements_torch.Store | None:
+        """Where the state lives (None when averaging is off or nothing is tracked)."""
+        return self._store
+
+    def metrics(self) -> dict[str, float]:
+        """Counters and mean timings for the training log; never waits."""
+        return {
+            "averaging/num_collected": self._counters.num_collected,
+            "averaging/num_skipped_nonfinite": self._counters.num_skipped_nonfinite,
+            **self.timings.drain_ms(),
+        }
+
+    def _join(self) -> None:
+        if self._store is not None:
+            self._store.join()
+
+    # -- collection -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def collect(self, step: int) -> bool:
+        """Takes the current weights if ``step`` (counted from 1) is a collection step.
+
+        Returns whether they were taken. Non-finite weights are skipped and
+        counted, so one bad step cannot poison the average; under ``"host"``
+        placement that check runs on the background thread, so a snapshot
+        taken here may still be skipped there (see ``num_skipped_nonfinite``).
+        """
+        if not self.config.should_collect(step) or self._store is None:
+            return False
+        if self._swapped:
+            raise RuntimeError(
+                "collect() while the average is swapped in: call restore_live() first"
+            )
+        start = time.perf_counter()
+        taken = self._store.collect(self._live)
+        self.timings.record("collect", time.perf_counter() - start)
+        return taken
+
+    def remember_batch(self, batch: Any) -> None:
+        """Keeps a reference to a training batch for TWA's fit (a no-op for other modes)."""
+        if self.config.mode == "twa":
+            self._recent_batches.append(batch)
+
+    @property
+    def recent_batches(self) -> list[Any]:
+        """The training batches a TWA fit would use, oldest first."""
+        return list(self._recent_batches)
+
+    def before_optimizer_step(self) -> None:
+        """Call before the optimizer writes the weights: waits (on the device) for a
+        pending snapshot copy. A no-op except for ``"host"`` placement under CUDA."""
+        if self._store is not None:
+            self._store.before_optimizer_step()
+
+    # -- the average ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def average(self) -> list[torch.Tensor]:
+        """The averaged tensors in fp32 (the live ones before any collection).
+
+        A collective under ``"sharded"`` placement: call it on every rank.
+        """
+        self._join()
+        if self._store is None or self._counters.num_collected == 0:
+            return [t.detach().float().clone() for t in self._live]
+        return self._store.mean()
+
+    def swap_in_average(self, fit_context: TWAFitContext | None = None) -> None:
+        """Stashes the live weights and loads the average into the module.
+
+        For TWA, ``fit_context`` is required: the coefficients are fitted and
+        BatchNorm statistics recomputed here (the live buffers are stashed too).
+        A collective under ``"sharded"`` placement (and for TWA under DDP):
+        call it on every rank.
+        """
+        self._join()
+        if self._swapped or self._store is None or self._counters.num_collected == 0:
+            return
+        if self.config.mode == "twa" and fit_context is None:
+            raise TWAError(
+                "averaging='twa' needs a TWAFitContext (the training loss) in swap_in_average"
+            )
+        start = time.perf_counter()
+        with torch.no_grad():
+            torch._foreach_copy_(self._stash_buffers(), self._live, non_blocking=self._pinned_stash)
+            if self.config.mode != "twa":
+                self._store.mean_into(self._live)
+        if self.config.mode == "twa":
+            assert fit_context is not None
+            self._swap_in_twa(fit_context)
+        self._swapped = True
+        self.timings.record("swap", time.perf_counter() - start)
+
+    def _swap_in_twa(self, context: TWAFitContext) -> None:
+        buffers = list(self._module.buffers())
+        with torch.no_grad():
+            self._buffer_stash = [b.detach().clone() for b in buffers]
+        batches = self.recent_batches
+        if not batches:
+            # Nothing to fit on (never the case under AlgoPerf, where a step
+            # precedes every eval): the uniform average with the live buffers.
+            with torch.no_grad():
+                self._store.mean_into(self._live)  # type: ignore[union-attr]
+            self.last_twa_result = None
+            return
+        config = self.config.twa
+        slots = self._window_order()
+        shapes = [t.shape for t in self._live]
+        store = self._store
+        checkpoints: Sequence[Sequence[torch.Tensor]] | twa_torch.TWASubspace
+        if isinstance(store, placements_torch.ShardedStore):
+            shards = [store.window[slot][0] for slot in slots]
+            checkpoints = twa_torch.subspace_from_shards(shards, shapes, config)
+        else:
+            assert isinstance(store, (placements_torch.DeviceStore, placements_torch.HostStore))
+            checkpoints = [store.window[slot] for slot in slots]
+        with torch.enable_grad():
+            self.last_twa_result = twa_torch.fit_twa(
+                self._module,
+                checkpoints,
+                config,
+                context.loss_fn,
+                batches,
+                forward_fn=context.forward_fn,
+            )
+
+    def _window_order(self) -> list[int]:
+        """The filled window slots, oldest snapshot first."""
+        count = self._counters.num_collected
+        size = self.config.window
+        if count < size:
+            return list(range(count))
+        return [(count + i) % size for i in range(size)]
+
+    @torch.no_grad()
+    def restore_live(self) -> None:
+        """Puts the live weights back; a no-op unless the average is swapped in."""
+        if not self._swapped:
+            return
+        assert self._stash is not None
+        start = time.perf_counter()
+        torch._foreach_copy_(self._live, self._stash, non_blocking=self._pinned_stash)
+        if self._buffer_stash is not None:
+            for buffer, saved in zip(self._module.buffers(), self._buffer_stash):
+                buffer.copy_(saved)
+            self._buffer_stash = None
+        if self.config.placement == "sharded" and rank_and_world()[1] > 1:
+            self._stash = None  # sharded placement is chosen to save device memory
+        self._swapped = False
+        self.timings.record("restore", time.perf_counter() - start)
+
+    @property
+    def _pinned_stash(self) -> bool:
+        return isinstance(self._store, placements_torch.HostStore) and self._store.cuda
+
+    def _stash_buffers(self) -> Tensors:
+        # Kept between evals: allocating (and page-faulting) a model's worth
+        # of memory per eval would cost as much as the copy itself.
+        if self._stash is None:
+            on_host = self.config.placement == "host"
+            self._stash = [
+                torch.empty(
+                    t.shape,
+                    dtype=t.dtype,
+                    device="cpu" if on_host else t.device,
+                    pin_memory=on_host and self._pinned_stash,
+                )
+                for t in self._live
+            ]
+        return self._stash
+
+    # -- checkpointing ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly, in one format for every placement."""
+        self._join()
+        if self._pinned_stash and self._swapped:
+            torch.cuda.current_stream(self._live[0].device).synchronize()
+        stored: dict[str, Any] = {"window": [], "sum": [], "ema": []}
+        if self._store is not None:
+            stored = self._store.state()
+        return {
+            "config": self.config.to_dict(),
+            "num_collected": self._counters.num_collected,
+            "num_skipped_nonfinite": self._counters.num_skipped_nonfinite,
+            "swapped": self._swapped,
+            "stash": [t.clone() for t in self._stash] if self._swapped and self._stash else None,
+            # TWA's live buffers while its recomputed BatchNorm statistics are out.
+            "buffer_stash": (
+                [t.clone() for t in self._buffer_stash]
+                if self._swapped and self._buffer_stash is not None
+                else None
+            ),
+            **stored,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._join()
+        saved = AveragingConfig.from_dict(state["config"])
+        # Placement is where the state lives, not what it is: a checkpoint
+        # moves between placements.
+        if dataclasses.replace(saved, placement=self.config.placement) != self.config:
+            raise ValueError(
+                f"averaging state was saved with {saved}, but this run is configured with "
+                f"{self.config}; resume with the same averaging hyperparameters"
+            )
+        if self._store is not None:
+            self._store.load_state(state)
+        elif state["window"] or state["sum"] or state["ema"]:
+            raise ValueError("averaging state does not match this model's parameters")
+        self._counters.num_collected = int(state["num_collected"])
+        self._counters.num_skipped_nonfinite = int(state["num_skipped_nonfinite"])
+        self._swapped = False
+        if state["stash"] is not None:
+            placements_torch.copy_into(self._stash_buffers(), state["stash"])
+            self._swapped = True
+        self._buffer_stash = None
+        if self._swapped and state.get("buffer_stash") is not None:
+            self._buffer_stash = [t.detach().clone() for t in state["buffer_stash"]]
+            placements_torch.check_lengths(
+                self._buffer_stash, list(self._module.buffers()), "buffers"
+            )
