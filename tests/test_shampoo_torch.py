@@ -35,10 +35,14 @@ def _one_thread():
 # ---------------------------------------------------------------- dense reference
 
 
-def _inverse_root(matrix: np.ndarray, root: int, epsilon: float) -> np.ndarray:
+def _inverse_root(
+    matrix: np.ndarray, root: int, epsilon: float, max_condition: float = 100.0
+) -> np.ndarray:
+    """Spectrum shifted to >= 0, then floored at max(ε, λmax·c^(−root)): condition <= c."""
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    eigenvalues = np.maximum(eigenvalues, 0.0) + epsilon
-    return eigenvectors @ np.diag(eigenvalues ** (-1.0 / root)) @ eigenvectors.T
+    eigenvalues = eigenvalues - min(eigenvalues.min(), 0.0)
+    floor = max(epsilon, eigenvalues.max() * max_condition ** (-root)) if max_condition else epsilon
+    return eigenvectors @ np.diag((eigenvalues + floor) ** (-1.0 / root)) @ eigenvectors.T
 
 
 def _unfold(tensor: np.ndarray, mode: int) -> np.ndarray:
@@ -86,9 +90,11 @@ def reference_run(
                 for i in range(order):
                     unfolded = _unfold(gb, i)
                     block.factors[i] = b2 * block.factors[i] + (1 - b2) * unfolded @ unfolded.T
-                if t >= start and (t - start) % config.precondition_frequency == 0:
+                if t == start or (t > start and t % config.precondition_frequency == 0):
                     block.roots = [
-                        _inverse_root(f / (1 - b2**t), 2 * order, config.epsilon)
+                        _inverse_root(
+                            f / (1 - b2**t), 2 * order, config.epsilon, config.max_root_condition
+                        )
                         for f in block.factors
                     ]
                 if t >= start:
