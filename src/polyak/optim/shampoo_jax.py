@@ -1,28 +1,20 @@
 """Shampoo for JAX: blocked Kronecker-factored preconditioning with grafting, as optax transforms.
 
 The twin of :mod:`polyak.optim.shampoo_torch`, with the same algorithm, names
-and order of operations (Distributed Shampoo, Shi et al., 2023). One step, with
-t counting the steps taken, from 1::
+and order of operations (the AlgoPerf v0.5 winner's Distributed Shampoo, as
+its submission configures it; see the torch module for the formulas and the
+deliberate numerical differences). In brief, with t counting the steps taken
+from 1: the filtered gradient m̃ (NAdam look-ahead with ``use_nadam``), the
+grafted direction a (Adam, RMSprop, AdaGrad, SGD; of the block-normalized
+gradient with ``use_normalized_grafting``), per block the factors
+``Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ``, their roots
+``(Lᵢ/(1−β2ᵗ) + ε'·I)^(−η/(2k))`` at t = start and every multiple of
+``precondition_frequency`` after it, and ``d_B = p_B·‖a_B‖/‖p_B‖``.
 
-    g                                         raw gradient
-    m ← β1·m + (1−β1)·g                       filtered gradient (skipped when β1 = 0)
-    m̃ = (β1·m + (1−β1)·g) / (1−β1ᵗ)           NAdam look-ahead (use_nesterov), else m / (1−β1ᵗ)
-    v ← β2ᵍ·v + (1−β2ᵍ)·g²                    Adam grafting's second moment
-    a = m̃ / (√v / √(1−β2ᵍᵗ) + εᵍ)             grafted direction (SGD or no grafting: a = m̃)
-
-and, per block B of a preconditioned parameter (the blocks come from
-:mod:`polyak.optim.shampoo_blocking`, shared with the torch twin)::
-
-    Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ               mode-i unfolding of the raw gradient block
-    Qᵢ = (Lᵢ / (1−β2ᵗ))^(−1/(2k))             every precondition_frequency steps
-    p_B = m̃_B ×₁ Q₁ ×₂ … ×ₖ Qₖ                 Shampoo direction
-    d_B = p_B · ‖a_B‖ / ‖p_B‖                  grafted to the per-block norm of a
-
-then ``d ← d + wd·θ`` (decoupled weight decay), an optional EMA momentum on d
-(Nesterov-style), and ``θ ← θ − lr·d``. :func:`scale_by_shampoo` computes d
-before weight decay; :func:`shampoo` chains it with ``add_decayed_weights``,
-:func:`scale_by_ema_momentum` and the learning rate, inside
-:func:`skip_unusable_steps`.
+:func:`scale_by_shampoo` computes d before weight decay; :func:`shampoo`
+chains it with ``add_decayed_weights``, :func:`scale_by_ema_momentum` and the
+learning rate, inside :func:`skip_unusable_steps`. :func:`training_metrics`
+reads the counters for the training log.
 
 JAX specifics:
 
@@ -30,10 +22,14 @@ JAX specifics:
   their inverse roots are one ``vmap``-ed eigh. The roots are recomputed under
   ``lax.cond``, so steps between root refreshes pay only the matmuls. The
   groups' eighs run one after another (see :func:`_update_roots` for why).
-- Numerics follow the torch twin: eigenvalues become ``max(λ, 0) + ε`` before
-  the power; a non-finite root keeps the previous one (retried in float64
-  first when ``jax_enable_x64`` is on) and counts in ``root_failures``; a
-  block uses the grafted direction until all of its roots were computed once;
+- Numerics follow the torch twin: the spectrum is shifted to >= 0 and
+  floored at ``ε' = max(ε, λmax·c^(−2k/η))`` before the power. float64
+  statistics and eigh (``preconditioner_precision``) need ``jax_enable_x64``;
+  without it they are float32 and a warning says so once. With it, the twins
+  agree to 1e-5 on the recorded problems. A non-finite root keeps the
+  previous one (retried in float64 first when x64 is on) and counts in
+  ``root_failures``; a block uses the grafted direction until all of its
+  roots were computed once;
   summed statistics (β2 = 1) that would overflow are not accumulated
   (``skipped_statistics``); a non-finite Shampoo direction anywhere makes the
   step use the grafted directions (``direction_fallbacks``).
@@ -296,6 +292,14 @@ def scale_by_shampoo(config: ShampooConfig | None = None) -> optax.GradientTrans
         raise ShampooConfigError(f"config={config!r} must be a ShampooConfig")
     start = max(config.start_preconditioning_step, 1)
     frequency = config.precondition_frequency
+    if config.preconditioner_precision == "float64" and not jax.config.jax_enable_x64:
+        logging.log_first_n(
+            logging.WARNING,
+            "Shampoo: preconditioner_precision='float64' needs jax_enable_x64; the factor "
+            "statistics and their eigh run in float32, where round-off on rank-deficient "
+            "factors exceeds epsilon",
+            1,
+        )
 
     def init_fn(params: optax.Params) -> ScaleByShampooState:
         leaves = jax.tree.leaves(params)

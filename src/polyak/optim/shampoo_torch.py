@@ -1,22 +1,28 @@
 """Shampoo for PyTorch: blocked Kronecker-factored preconditioning with grafting.
 
-The algorithm follows Distributed Shampoo (Shi et al., 2023), the winner of
-AlgoPerf v0.5's external tuning track. One step, per parameter (t counts the
-steps this parameter has taken, from 1)::
+The algorithm is that of the AlgoPerf v0.5 external-tuning winner, Distributed
+Shampoo (Shi et al., 2023), as its submission configures it; its trajectories
+on small problems are recorded in ``tests/fixtures/shampoo_anchor.json`` and
+``tests/test_shampoo_anchor.py`` holds this module to them. One step, per
+parameter (t counts the steps this parameter has taken, from 1)::
 
     g                                         raw gradient
     m ← β1·m + (1−β1)·g                       filtered gradient (skipped when β1 = 0)
-    m̃ = (β1·m + (1−β1)·g) / (1−β1ᵗ)           NAdam look-ahead (use_nesterov), else m / (1−β1ᵗ)
-    v ← β2ᵍ·v + (1−β2ᵍ)·g²                    Adam grafting's second moment
-    a = m̃ / (√(v / (1−β2ᵍᵗ)) + εᵍ)            grafted direction (SGD grafting: a = m̃)
+    m̃ = (β1·m + (1−β1)·g) / (1−β1ᵗ)           NAdam look-ahead (use_nadam), else m / (1−β1ᵗ)
+    v ← β2ᵍ·v + (1−β2ᵍ)·ĝ²                    grafting's second moment (ĝ = g, or g/‖g_B‖
+                                              per block with use_normalized_grafting)
+    a = m̃ / (√(v / (1−β2ᵍᵗ)) + εᵍ)            Adam grafting; RMSprop: no correction;
+                                              AdaGrad: v summed; SGD: a = m̃
 
 and, per block B of a preconditioned parameter (see
 :mod:`polyak.optim.shampoo_blocking`), with one factor per block dimension::
 
     Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ               mode-i unfolding of the raw gradient block
-    Qᵢ = (Lᵢ / (1−β2ᵗ))^(−1/(2k))             every precondition_frequency steps
-    p_B = m̃_B ×₁ Q₁ ×₂ … ×ₖ Qₖ                 Shampoo direction
-    d_B = p_B · ‖a_B‖ / ‖p_B‖                  grafted to the per-block norm of a
+    Qᵢ = (Lᵢ/(1−β2ᵗ) + ε'·I)^(−η/(2k))         at t = start and every multiple of
+                                              precondition_frequency after it
+    p_B = m̃_B ×₁ Q₁ ×₂ … ×ₖ Qₖ                 Shampoo direction (from t = start)
+    d_B = p_B · ‖a'_B‖ / ‖p_B‖                 grafted to the per-block norm of a
+                                              (a' = the grafting of ĝ when normalized)
 
 then, for every parameter::
 
@@ -24,36 +30,41 @@ then, for every parameter::
     b ← μ·b + (1−μ)·d;  d ← (1−μ)·d + μ·b      optional EMA momentum, Nesterov (μ = momentum)
     θ ← θ − lr·d
 
-Where the first moment lives: β1 filters the gradient *before* preconditioning,
-as in Distributed Shampoo, so Shampoo and the grafted method see the same
-filtered gradient and the grafting norm is that of a proper (N)Adam step. The
-separate ``momentum`` acts on the final direction, also as in Distributed
-Shampoo. Weight decay enters that momentum; with ``momentum = 0`` it is exactly
-θ ← θ − lr·wd·θ.
-
 Before ``start_preconditioning_step`` (and for a block whose roots were never
 computed successfully) the grafted direction is used alone. Parameters with a
-dimension ``>= preconditioning_dim_limit`` and single-element parameters are
-grafted only and get no factor matrices.
+dimension ``>= preconditioning_dim_limit`` are grafted only, with Adam grafting
+whatever ``grafting`` says (the submission's row-wise optimizer for Criteo's
+embedding); single-element parameters are grafted only too (for them the
+grafted Shampoo direction is the grafted direction).
 
-Numerics, chosen so that the optimizer never crashes and never writes a
-non-finite value into a parameter:
+Numerics. Deliberate differences from the v0.5 submission, both switchable
+back (``preconditioner_precision="float32"``, ``max_root_condition=0``):
 
-- Factors are float32 (float64 for float64 parameters). An inverse root is
-  the eigendecomposition of the bias-corrected factor with each eigenvalue
-  replaced by ``max(λ, 0) + ε`` (negatives clamped to 0 first, then ε
-  added), raised to the root's power. A failed or non-finite eigh in float32
-  is retried in float64; if that fails too the previous root is kept and
-  ``root_failures`` of the block is incremented.
+- Statistics are accumulated and eigendecomposed in float64
+  (``preconditioner_precision``); roots and directions stay in float32. A
+  factor wider than the number of updates so far is rank-deficient; in
+  float32 its null eigenvalues are round-off of ~1e-7·λmax, above ε = 1e-8,
+  and round-off decides the step (the submission's own float32 and float64
+  runs differ by up to 3% within 60 steps on the recorded problems).
+- ``ε' = max(ε, λmax·c^(−2k/η))`` caps each root's condition number at
+  ``c = max_root_condition`` (100): no direction is amplified more than 100
+  times the top one, so the float32 round-off of m̃ outside the span of past
+  gradients (~6e-8) moves a step by less than 1e-5. With ε alone a vector's
+  root amplifies that null space by (λmax/ε)^(1/2), up to 1e5.
+- As in the submission, a negative smallest eigenvalue shifts the spectrum
+  up to 0 before ε' is added. A failed or non-finite eigh keeps the
+  previous root and increments ``root_failures`` of the block (a float32
+  eigh is retried in float64 first).
 - A parameter whose gradient norm is non-finite or at least half the square
   root of its dtype's largest value (9.2e18 in float32) is left untouched for
-  that step, state and parameter alike, and its ``skipped_steps`` is
-  incremented. Below that bound every new statistic of an EMA (β2 < 1) is
-  finite, because a PSD factor's entries are bounded by its trace. Summed
-  statistics (β2 = 1) are also checked per block against their predicted
-  trace; a block that would overflow keeps its old statistics
-  (``skipped_statistics``). These checks cost one host synchronisation per
-  step.
+  that step, state and parameter alike, its ``skipped_steps`` is incremented
+  and a warning is logged (at most once a minute); :meth:`Shampoo.metrics`
+  reports the counters for the training log. Below that bound every new
+  statistic of an EMA (β2 < 1) is finite, because a PSD factor's entries are
+  bounded by its trace. Summed statistics (β2 = 1) are also checked per block
+  against their predicted trace; a block that would overflow keeps its old
+  statistics (``skipped_statistics``). These checks cost one host
+  synchronisation per step.
 - If a Shampoo direction still overflows (only conceivable with extreme
   roots), the step falls back to the grafted directions for the whole
   parameter group (``direction_fallbacks``); one more synchronisation.
