@@ -21,6 +21,7 @@ twin at 1e-5 with float64 roots (``jax_enable_x64``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ TOLERANCE = 1e-4
 DRIFT_MARGIN = 3.0
 
 
+@functools.cache
 def _fixture() -> dict[str, Any]:
     return json.loads(problems.FIXTURE.read_text())
 
@@ -124,6 +126,15 @@ POINTS = range(len(problems.search_space_points()))
 CASES = [(name, index) for name in problems.PROBLEMS for index in POINTS]
 
 
+@functools.cache
+def _torch_run(problem_name: str, point_index: int, anchor_numerics: bool) -> dict[str, Any]:
+    """One torch run per case, shared by the tests that need it."""
+    overrides = ANCHOR_NUMERICS if anchor_numerics else {}
+    point = _point(problem_name, point_index, **overrides)
+    steps = len(_anchor_run(problem_name, point_index)["loss"])
+    return run_torch(problems.PROBLEMS[problem_name], point, steps)
+
+
 def _anchor_run(problem_name: str, point_index: int) -> dict[str, Any]:
     return _fixture()["runs"][problem_name][point_index]
 
@@ -147,8 +158,7 @@ def test_fixture_records_its_origin() -> None:
 def test_torch_follows_the_anchor(problem_name: str, point_index: int) -> None:
     """With the anchor's numerics, polyak follows the recorded trajectory."""
     anchor = _anchor_run(problem_name, point_index)
-    point = _point(problem_name, point_index, **ANCHOR_NUMERICS)
-    ours = run_torch(problems.PROBLEMS[problem_name], point, len(anchor["loss"]))
+    ours = _torch_run(problem_name, point_index, anchor_numerics=True)
     # The anchor's warmup starts at 1e-10 of the peak, ours at 0.
     np.testing.assert_allclose(ours["lr"], anchor["lr"], rtol=1e-6, atol=1e-9 * max(anchor["lr"]))
     worst, excess, where = worst_excess(ours, anchor)
@@ -158,7 +168,12 @@ def test_torch_follows_the_anchor(problem_name: str, point_index: int) -> None:
     )
 
 
-@pytest.mark.parametrize("problem_name", list(problems.PROBLEMS))
+# Where float64 statistics and capped roots change the trajectory at all: the
+# blocked and embedding problems follow the anchor to 1e-6 either way.
+ROUND_OFF_DECIDED = ("least_squares", "mlp", "conv")
+
+
+@pytest.mark.parametrize("problem_name", ROUND_OFF_DECIDED)
 def test_default_numerics_reach_the_anchor_loss(problem_name: str) -> None:
     """float64 statistics and capped roots (deliberate differences) lose nothing.
 
@@ -168,8 +183,8 @@ def test_default_numerics_reach_the_anchor_loss(problem_name: str) -> None:
     ours_best, anchor_best = math.inf, math.inf
     for index in POINTS:
         anchor = _anchor_run(problem_name, index)
-        ours = run_torch(problems.PROBLEMS[problem_name], _point(problem_name, index), 60)
-        if len(anchor["loss"]) == 60 and math.isfinite(anchor["loss"][-1]):
+        ours = _torch_run(problem_name, index, anchor_numerics=False)
+        if len(anchor["loss"]) == problems.STEPS and math.isfinite(anchor["loss"][-1]):
             anchor_best = min(anchor_best, anchor["loss"][-1])
         if math.isfinite(ours["loss"][-1]):
             ours_best = min(ours_best, ours["loss"][-1])
@@ -200,13 +215,10 @@ JAX_POINTS = (0, 2, 3)  # Adam grafting; SGD grafting with momentum; inverse roo
 def test_jax_twin_follows_the_torch_twin(problem_name: str, point_index: int) -> None:
     """Same problem, same gradients: the twins agree to 1e-5 with float64 statistics."""
     pytest.importorskip("jax")
-    anchor = _anchor_run(problem_name, point_index)
-    steps = len(anchor["loss"])
-    point = _point(problem_name, point_index)
-    problem = problems.PROBLEMS[problem_name]
-    expected = run_torch(problem, point, steps)
+    steps = len(_anchor_run(problem_name, point_index)["loss"])
+    expected = _torch_run(problem_name, point_index, anchor_numerics=False)
     with float64_enabled():
-        ours = run_jax(problem, point, steps)
+        ours = run_jax(problems.PROBLEMS[problem_name], _point(problem_name, point_index), steps)
     # A diverging run (the SGD point on least squares) is compared until its
     # loss has grown tenfold: beyond that the parameters explode and relative
     # differences measure only the explosion.
