@@ -48,7 +48,10 @@ def run_torch(problem: problems.Problem, point: dict[str, Any], steps: int) -> d
     """polyak's torch Shampoo, driven as the v0.5 submission drives its optimizer."""
     model = problem.build()
     named = dict(model.named_parameters())
-    optimizer, scheduler = shampoo_torch.make_shampoo(model.parameters(), point, problems.STEP_HINT)
+    config = ShampooConfig.from_hyperparameters(point)
+    optimizer, scheduler = shampoo_torch.make_shampoo(
+        model.parameters(), config, problems.STEP_HINT
+    )
     sketches = [problems.sketch(problem.name, named)]
     losses, rates = [], []
     for step in range(steps):
@@ -113,13 +116,17 @@ def worst_excess(ours: dict[str, Any], anchor: dict[str, Any]) -> tuple[float, f
     stays in its trajectory). Steps after the anchor stopped (its guard
     against non-finite factors) are not compared.
     """
-    differences = problems.relative_differences(ours["sketches"], anchor["sketches"])
-    drifts = np.maximum.accumulate(np.nan_to_num(anchor["float64_drift"], nan=np.inf))
-    bars = TOLERANCE + DRIFT_MARGIN * drifts[: len(differences)]
-    excesses = np.nan_to_num(np.asarray(differences) - bars, nan=np.inf)
+    differences = np.asarray(problems.relative_differences(ours["sketches"], anchor["sketches"]))
+    # The float64 run may stop earlier than the float32 one: no bar after that.
+    drifts = np.full(len(differences), np.inf)
+    recorded = np.nan_to_num(anchor["float64_drift"], nan=np.inf)[: len(differences)]
+    drifts[: len(recorded)] = np.maximum.accumulate(recorded)
+    bars = TOLERANCE + DRIFT_MARGIN * drifts
+    excesses = np.nan_to_num(differences - bars, nan=np.inf)
     excesses[~np.isfinite(bars)] = -np.inf
     where = int(np.argmax(excesses))
-    return float(np.nanmax(differences)), float(excesses[where]), where
+    finite = differences[np.isfinite(bars)]
+    return float(np.nanmax(finite)), float(excesses[where]), where
 
 
 POINTS = range(len(problems.search_space_points()))
@@ -160,7 +167,8 @@ def test_torch_follows_the_anchor(problem_name: str, point_index: int) -> None:
     anchor = _anchor_run(problem_name, point_index)
     ours = _torch_run(problem_name, point_index, anchor_numerics=True)
     # The anchor's warmup starts at 1e-10 of the peak, ours at 0.
-    np.testing.assert_allclose(ours["lr"], anchor["lr"], rtol=1e-6, atol=1e-9 * max(anchor["lr"]))
+    rates = anchor["lr"][: len(ours["lr"])]  # a stopped anchor recorded the rate of its last try
+    np.testing.assert_allclose(ours["lr"], rates, rtol=1e-6, atol=1e-9 * max(rates))
     worst, excess, where = worst_excess(ours, anchor)
     assert excess <= 0.0, (
         f"{problem_name} point {point_index}: max relative difference {worst:.2e}; "
@@ -207,7 +215,7 @@ def float64_enabled() -> Iterator[None]:
             yield
 
 
-JAX_POINTS = (0, 2, 3)  # Adam grafting; SGD grafting with momentum; inverse root 2 with momentum
+JAX_POINTS = (2, 3)  # SGD grafting with momentum; Adam grafting, inverse root 2, momentum
 
 
 @pytest.mark.parametrize("point_index", JAX_POINTS)
