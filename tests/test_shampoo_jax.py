@@ -404,6 +404,8 @@ def test_unusable_gradients_skip_the_step_and_large_ones_stay_finite(robust):
             np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
         state = new_state
     assert int(state.skipped_steps) == 3
+    assert shampoo_jax.training_metrics(state)["shampoo/skipped_steps"] == 3
+    assert shampoo_jax.training_metrics((state, None))["shampoo/root_failures"] == 0
     # Just under the bound: used, and the EMA statistics stay finite.
     signs = {k: np.sign(v) for k, v in _random_tree(rng, ROBUST_SHAPES).items()}
     value = np.float32(0.99 * bound / math.sqrt(72 + 6))

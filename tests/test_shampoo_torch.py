@@ -323,6 +323,28 @@ def test_rank_one_gradients_stay_finite_and_descend():
     assert float(((params[0].detach() - before[0]) * torch.outer(u, w)).sum()) < 0
 
 
+def test_skipped_steps_are_a_training_metric_and_warned_about(monkeypatch):
+    params, optimizer = _small_setup()
+    warnings: list[tuple] = []
+    monkeypatch.setattr(
+        "polyak.optim.shampoo_torch.absl_logging.log_every_n_seconds",
+        lambda *args: warnings.append(args),
+    )
+    _set_grads(params, torch.randn_like)
+    optimizer.step()
+    assert optimizer.metrics()["shampoo/skipped_steps"] == 0 and not warnings
+    _set_grads(params, lambda p: torch.full_like(p, math.nan))
+    optimizer.step()
+    assert optimizer.metrics()["shampoo/skipped_steps"] == len(params)
+    assert len(warnings) == 1 and "were not updated" in warnings[0][1]
+    assert set(optimizer.metrics()) == {
+        "shampoo/skipped_steps",
+        "shampoo/root_failures",
+        "shampoo/direction_fallbacks",
+        "shampoo/skipped_statistics",
+    }
+
+
 def test_nonfinite_and_huge_gradients_are_skipped():
     params, optimizer = _small_setup()
     for _ in range(3):
