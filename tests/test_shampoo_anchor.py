@@ -39,6 +39,15 @@ TOLERANCE = 1e-4
 DRIFT_MARGIN = 3.0
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # These problems are tiny: a second thread only adds contention on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.cache
 def _fixture() -> dict[str, Any]:
     return json.loads(problems.FIXTURE.read_text())
@@ -75,7 +84,7 @@ def run_jax(problem: problems.Problem, point: dict[str, Any], steps: int) -> dic
 
     model = problem.build()
     named = dict(model.named_parameters())
-    params = {name: jax.numpy.asarray(p.detach().numpy()) for name, p in named.items()}
+    params = {name: jax.numpy.asarray(p.detach().numpy().copy()) for name, p in named.items()}
     config = ShampooConfig.from_hyperparameters(point)
     tx = shampoo_jax.make_shampoo(config, problems.STEP_HINT)
     schedule = shampoo_jax.shampoo_schedule(config, problems.STEP_HINT)
@@ -91,7 +100,7 @@ def run_jax(problem: problems.Problem, point: dict[str, Any], steps: int) -> dic
     for step in range(steps):
         with torch.no_grad():
             for name, p in named.items():
-                p.copy_(torch.from_numpy(np.asarray(params[name])))
+                p.copy_(torch.from_numpy(np.array(params[name])))
         model.zero_grad()
         loss = problem.loss(model, problem.batch(step))
         loss.backward()
@@ -99,7 +108,7 @@ def run_jax(problem: problems.Problem, point: dict[str, Any], steps: int) -> dic
         rates.append(float(schedule(step)))
         params, state = update(grads, state, params)
         losses.append(float(loss.detach()))
-        current = {name: torch.from_numpy(np.asarray(value)) for name, value in params.items()}
+        current = {name: torch.from_numpy(np.array(value)) for name, value in params.items()}
         sketches.append(problems.sketch(problem.name, current))
     return {"loss": losses, "lr": rates, "sketches": sketches}
 
