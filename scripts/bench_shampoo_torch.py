@@ -11,6 +11,14 @@
     ``pytorch_optimizer.ScalableShampoo`` at matched settings (blocks of 1024,
     statistics every step, roots every 100 steps; it has no Adam grafting, so
     RMSprop grafting stands in), when ``pytorch_optimizer`` is importable.
+(c) Optimizer-step time alone of our Shampoo against the AlgoPerf v0.5
+    winner's ``DistributedShampoo`` at the settings its submission uses (Adam
+    grafting, NAdam, bias correction, merged dims, float32 preconditioner,
+    protected eigh; blocks of 1024, roots every 100 steps from step 100),
+    when it is importable from ``--anchor_root`` (see
+    ``scripts/record_shampoo_anchor.py`` for the setup; it is never part of
+    this repository). Ours runs twice: with its default float64 statistics
+    and with float32 statistics, the anchor's precision. Goal: ratio <= 1.0.
 
 The contenders run interleaved (A, B, then B, A, ...) and the report gives
 medians and the median of the per-repeat ratios, which is less sensitive to
@@ -54,6 +62,15 @@ flags.DEFINE_integer("threads", 2, "torch intra-op threads.")
 flags.DEFINE_integer("precondition_frequency", 100, "Steps between root computations.")
 flags.DEFINE_bool("training", True, "Run benchmark (a).")
 flags.DEFINE_bool("optimizer_only", True, "Run benchmark (b).")
+flags.DEFINE_bool("anchor", True, "Run benchmark (c) when the v0.5 winner is importable.")
+flags.DEFINE_string(
+    "anchor_root", "/tmp/anchor_root", "Directory from which the v0.5 winner is importable."
+)
+
+ANCHOR_MODULE = (
+    "submissions.submissions_algorithms_v0_5.AlgoPerf_Team_21.external_tuning."
+    "shampoo_submission.optimizers.distributed_shampoo"
+)
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -128,6 +145,66 @@ def scalable_shampoo_factory() -> OptimizerFactory | None:
         no_preconditioning_for_layers_with_dim_gt=10**6,
         graft_type=LayerWiseGrafting.RMSPROP,
         matrix_eps=1e-8,
+    )
+
+
+def matched_config(precision: str) -> ShampooConfig:
+    """The v0.5 submission's first point, roots every precondition_frequency from that step."""
+    return ShampooConfig(
+        max_preconditioner_dim=1024,
+        precondition_frequency=FLAGS.precondition_frequency,
+        start_preconditioning_step=FLAGS.precondition_frequency,
+        beta1=0.93,
+        beta2=0.9955,
+        epsilon=1e-8,
+        weight_decay=0.08,
+        grafting="adam",
+        grafting_beta2=0.9955,
+        grafting_epsilon=1e-8,
+        preconditioner_precision=precision,  # type: ignore[arg-type]
+    )
+
+
+def anchor_factory() -> OptimizerFactory | None:
+    """DistributedShampoo v0.5 at its submission's settings, or None if not importable."""
+    import importlib
+    import sys
+
+    import torch.distributed as dist
+
+    if FLAGS.anchor_root not in sys.path:
+        sys.path.insert(0, FLAGS.anchor_root)
+    try:
+        shampoo_module = importlib.import_module(ANCHOR_MODULE + ".distributed_shampoo")
+        types_module = importlib.import_module(ANCHOR_MODULE + ".shampoo_types")
+    except ImportError:
+        return None
+    if not dist.is_initialized():  # its logging asks for the rank
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29561")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    config = matched_config("float32")
+    return lambda params: shampoo_module.DistributedShampoo(
+        params,
+        lr=1e-3,
+        betas=(config.beta1, config.beta2),
+        epsilon=config.epsilon,
+        momentum=0.0,
+        weight_decay=config.weight_decay,
+        max_preconditioner_dim=config.max_preconditioner_dim,
+        precondition_frequency=config.precondition_frequency,
+        start_preconditioning_step=-1,
+        use_nadam=True,
+        use_nesterov=True,
+        use_bias_correction=True,
+        use_decoupled_weight_decay=True,
+        grafting_config=types_module.AdamGraftingConfig(
+            beta2=config.grafting_beta2, epsilon=config.grafting_epsilon
+        ),
+        use_merge_dims=True,
+        distributed_config=None,  # one process (its DDP config allocates on CUDA)
+        preconditioner_dtype=torch.float32,
+        use_protected_eigh=True,
     )
 
 
@@ -239,6 +316,30 @@ def main(argv: list[str]) -> None:
         print("\n(b) optimizer step only")
         times = compare(time_optimizer, contenders)
         report("(b) optimizer step, amortized (ratio to polyak Shampoo)", times, "polyak Shampoo")
+    if FLAGS.anchor:
+        anchor = anchor_factory()
+        if anchor is None:
+            print(f"\n(c) the v0.5 winner is not importable from {FLAGS.anchor_root}: skipped")
+            return
+        anchor_name = "DistributedShampoo v0.5"
+        contenders = [
+            (anchor_name, anchor),
+            (
+                "polyak Shampoo (float64 statistics)",
+                lambda params: Shampoo(params, lr=1e-3, config=matched_config("float64")),
+            ),
+            (
+                "polyak Shampoo (float32 statistics)",
+                lambda params: Shampoo(params, lr=1e-3, config=matched_config("float32")),
+            ),
+        ]
+        print("\n(c) optimizer step only, against the v0.5 winner")
+        times = compare(time_optimizer, contenders)
+        ratios = report("(c) optimizer step, amortized (ratio to the winner)", times, anchor_name)
+        for name, ratio in ratios.items():
+            if name != anchor_name:
+                verdict = "met" if ratio <= 1.0 else "MISSED"
+                print(f"  {name} / winner = {ratio:.3f} (goal <= 1.0: {verdict})")
 
 
 if __name__ == "__main__":

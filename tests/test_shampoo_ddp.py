@@ -16,6 +16,10 @@ WORKER = Path(__file__).resolve().parent / "ddp_scripts" / "shampoo_ddp_worker.p
 
 def _run(command: list[str], cwd: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # The workers run in another directory: a relative PYTHONPATH (PYTHONPATH=src
+    # from a checkout) would silently import another copy of polyak there.
+    paths = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     completed = subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180
     )

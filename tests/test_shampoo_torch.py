@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -34,10 +35,14 @@ def _one_thread():
 # ---------------------------------------------------------------- dense reference
 
 
-def _inverse_root(matrix: np.ndarray, root: int, epsilon: float) -> np.ndarray:
+def _inverse_root(
+    matrix: np.ndarray, root: int, epsilon: float, max_condition: float = 100.0
+) -> np.ndarray:
+    """Spectrum shifted to >= 0, then floored at max(ε, λmax·c^(−root)): condition <= c."""
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    eigenvalues = np.maximum(eigenvalues, 0.0) + epsilon
-    return eigenvectors @ np.diag(eigenvalues ** (-1.0 / root)) @ eigenvectors.T
+    eigenvalues = eigenvalues - min(eigenvalues.min(), 0.0)
+    floor = max(epsilon, eigenvalues.max() * max_condition ** (-root)) if max_condition else epsilon
+    return eigenvectors @ np.diag((eigenvalues + floor) ** (-1.0 / root)) @ eigenvectors.T
 
 
 def _unfold(tensor: np.ndarray, mode: int) -> np.ndarray:
@@ -85,9 +90,11 @@ def reference_run(
                 for i in range(order):
                     unfolded = _unfold(gb, i)
                     block.factors[i] = b2 * block.factors[i] + (1 - b2) * unfolded @ unfolded.T
-                if t >= start and (t - start) % config.precondition_frequency == 0:
+                if t == start or (t > start and t % config.precondition_frequency == 0):
                     block.roots = [
-                        _inverse_root(f / (1 - b2**t), 2 * order, config.epsilon)
+                        _inverse_root(
+                            f / (1 - b2**t), 2 * order, config.epsilon, config.max_root_condition
+                        )
                         for f in block.factors
                     ]
                 if t >= start:
@@ -316,6 +323,28 @@ def test_rank_one_gradients_stay_finite_and_descend():
     assert float(((params[0].detach() - before[0]) * torch.outer(u, w)).sum()) < 0
 
 
+def test_skipped_steps_are_a_training_metric_and_warned_about(monkeypatch):
+    params, optimizer = _small_setup()
+    warnings: list[tuple] = []
+    monkeypatch.setattr(
+        "polyak.optim.shampoo_torch.absl_logging.log_every_n_seconds",
+        lambda *args: warnings.append(args),
+    )
+    _set_grads(params, torch.randn_like)
+    optimizer.step()
+    assert optimizer.metrics()["shampoo/skipped_steps"] == 0 and not warnings
+    _set_grads(params, lambda p: torch.full_like(p, math.nan))
+    optimizer.step()
+    assert optimizer.metrics()["shampoo/skipped_steps"] == len(params)
+    assert len(warnings) == 1 and "were not updated" in warnings[0][1]
+    assert set(optimizer.metrics()) == {
+        "shampoo/skipped_steps",
+        "shampoo/root_failures",
+        "shampoo/direction_fallbacks",
+        "shampoo/skipped_statistics",
+    }
+
+
 def test_nonfinite_and_huge_gradients_are_skipped():
     params, optimizer = _small_setup()
     for _ in range(3):
@@ -529,15 +558,20 @@ def test_state_dict_round_trip_continues_bit_for_bit():
     )
 
 
-def test_load_keeps_float32_factors_of_bfloat16_parameters():
+@pytest.mark.parametrize(
+    ("precision", "factor_dtype"), [("float32", torch.float32), ("float64", torch.float64)]
+)
+def test_load_keeps_the_factor_dtype_of_bfloat16_parameters(precision, factor_dtype):
+    config = ShampooConfig(max_preconditioner_dim=16, preconditioner_precision=precision)
     p = torch.nn.Parameter(torch.randn(20, 12, dtype=torch.bfloat16))
-    optimizer = Shampoo([p], config=ShampooConfig(max_preconditioner_dim=16))
+    optimizer = Shampoo([p], config=config)
     p.grad = torch.randn_like(p)
     optimizer.step()
-    other = Shampoo([p], config=ShampooConfig(max_preconditioner_dim=16))
+    other = Shampoo([p], config=config)
     other.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     block = other.state[p]["blocks"][0]
-    assert block["factors"][0].dtype == torch.float32
+    assert block["factors"][0].dtype == factor_dtype
+    assert block["roots"][0].dtype == torch.float32
     assert torch.equal(block["factors"][0], optimizer.state[p]["blocks"][0]["factors"][0])
 
 
@@ -625,16 +659,74 @@ def test_step_hint_factor_shortens_the_horizon():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"grafting_type": "ADAGRAD"}, "grafting_type='ADAGRAD'"),
-        ({"exponent_multiplier": 0.5}, "exponent_multiplier=0.5"),
-        ({"use_normalized_grafting": True}, "use_normalized_grafting"),
-        ({"one_minus_beta1": -0.1}, "beta1="),
+        ({"max_preconditioner_dim": 2.7}, "max_preconditioner_dim=2.7 must be an integer"),
         ({"max_preconditioner_dim": 0}, "max_preconditioner_dim=0"),
+        ({"precondition_frequency": 0.5}, "precondition_frequency=0.5 must be an integer"),
+        ({"beta2": 0.9}, "beta2=0.9 and one_minus_beta2=0.00448403102 disagree"),
+        ({"one_minus_beta2": 1.0}, "one_minus_beta2=1.0 must lie in"),
+        ({"one_minus_beta1": -0.1}, "one_minus_beta1=-0.1 must lie in"),
+        ({"grafting_type": "LION"}, "grafting_type='LION'"),
+        ({"exponent_multiplier": 0.0}, "exponent_multiplier=0.0 must be > 0"),
+        ({"inv_root_override": [2, 4]}, r"inv_root_override=\[2, 4\] must be an integer"),
+        ({"start_preconditioning_step": 50}, "start_preconditioning_step=50 must be -1 or"),
+        ({"use_momentum": True, "one_minus_momentum": 0.0}, "one_minus_momentum=0.0"),
+        ({"communication_dtype": "BF16"}, "communication_dtype='BF16'"),
+        ({"use_nadam": "yes"}, "use_nadam='yes' must be true or false"),
     ],
 )
 def test_bad_hyperparameters_fail_clearly(override, message):
     with pytest.raises(ShampooConfigError, match=message):
         shampoo_config_from_hyperparameters(dict(DEFAULT_HYPERPARAMETERS, **override))
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "value"),
+    [
+        ({"one_minus_beta2": 0.0}, "grafting_beta2", 1.0),  # summed, as the submission allows
+        ({"grafting_type": "RMSPROP"}, "grafting", "rmsprop"),
+        ({"grafting_type": "ADAGRAD"}, "grafting", "adagrad"),
+        ({"grafting_type": "SGD"}, "grafting", "sgd"),
+        ({"use_normalized_grafting": True}, "use_normalized_grafting", True),
+        ({"exponent_multiplier": 0.5}, "exponent_multiplier", 0.5),
+        ({"use_nadam": False}, "use_nadam", False),
+        ({"use_momentum": True, "one_minus_momentum": 0.1}, "momentum", 0.9),
+        ({"max_preconditioner_dim": 512.0}, "max_preconditioner_dim", 512),
+        ({"one_minus_beta2": None, "beta2": 0.95}, "beta2", 0.95),
+    ],
+)
+def test_search_space_fields_are_honoured(override, field, value):
+    config = shampoo_config_from_hyperparameters(dict(DEFAULT_HYPERPARAMETERS, **override))
+    assert getattr(config, field) == pytest.approx(value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"grafting": "rmsprop"},
+        {"grafting": "adagrad"},
+        {"grafting": "sgd"},
+        {"use_normalized_grafting": True},
+        {"exponent_multiplier": 0.5},
+        {"use_nadam": False},
+        {"momentum": 0.5},
+        {"momentum": 0.5, "use_nesterov": False},
+    ],
+)
+def test_each_honoured_field_changes_the_trajectory(override):
+    """A field that is read must act: the trajectory differs from the baseline's."""
+    base = ShampooConfig(
+        max_preconditioner_dim=8, precondition_frequency=2, start_preconditioning_step=2
+    )
+    finals = []
+    for config in (base, dataclasses.replace(base, **override)):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(6, 5))
+        optimizer = Shampoo([p], lr=0.1, config=config)
+        for step in range(6):
+            p.grad = torch.sin(p.detach() * (step + 1)) + 0.1 * step
+            optimizer.step()
+        finals.append(p.detach().clone())
+    assert not torch.allclose(finals[0], finals[1], rtol=1e-5, atol=1e-7), override
 
 
 def test_bad_inputs_fail_clearly():

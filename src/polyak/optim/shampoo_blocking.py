@@ -32,6 +32,7 @@ cost are broken by their position, so the plan is deterministic.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ __all__ = [
     "ParameterPlan",
     "assign_blocks",
     "block_cost",
+    "grafting_blocks",
     "merge_dims",
     "plan_parameter",
     "plan_parameters",
@@ -155,6 +157,33 @@ def plan_parameter(shape: Sequence[int], config: ShampooConfig) -> ParameterPlan
     return ParameterPlan(
         shape=shape, preconditioned=True, merged_shape=merged_shape, blocks=tuple(blocks)
     )
+
+
+# The v0.5 submission's row-wise optimizer, which takes the parameters with a
+# dimension of at least preconditioning_dim_limit, blocks them by this.
+LARGE_PARAMETER_BLOCK = 524_288
+
+
+@functools.lru_cache(maxsize=4096)
+def grafting_blocks(
+    shape: tuple[int, ...], config: ShampooConfig
+) -> tuple[tuple[int, ...], tuple[tuple[slice, ...], ...]]:
+    """Merged shape and block slices over which normalized grafting takes its norms.
+
+    The Shampoo blocks for preconditioned parameters; for grafted-only large
+    ones the v0.5 submission's row-wise blocks (``LARGE_PARAMETER_BLOCK``);
+    one block for parameters of fewer than two elements.
+    """
+    plan = plan_parameter(shape, config)
+    if plan.preconditioned:
+        return plan.merged_shape, tuple(block.slices for block in plan.blocks)
+    numel = math.prod(shape)
+    if numel < 2 or not any(d >= config.preconditioning_dim_limit for d in shape):
+        return (numel,), ((slice(0, numel),),)
+    merged = merge_dims(shape, LARGE_PARAMETER_BLOCK) or (numel,)
+    chunks = [split_dim(d, LARGE_PARAMETER_BLOCK) for d in merged]
+    slices = tuple(tuple(slice(a, b) for a, b in ranges) for ranges in itertools.product(*chunks))
+    return merged, slices
 
 
 def plan_parameters(shapes: Sequence[Sequence[int]], config: ShampooConfig) -> list[ParameterPlan]:

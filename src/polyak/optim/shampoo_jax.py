@@ -1,28 +1,20 @@
 """Shampoo for JAX: blocked Kronecker-factored preconditioning with grafting, as optax transforms.
 
 The twin of :mod:`polyak.optim.shampoo_torch`, with the same algorithm, names
-and order of operations (Distributed Shampoo, Shi et al., 2023). One step, with
-t counting the steps taken, from 1::
+and order of operations (the AlgoPerf v0.5 winner's Distributed Shampoo, as
+its submission configures it; see the torch module for the formulas and the
+deliberate numerical differences). In brief, with t counting the steps taken
+from 1: the filtered gradient m̃ (NAdam look-ahead with ``use_nadam``), the
+grafted direction a (Adam, RMSprop, AdaGrad, SGD; of the block-normalized
+gradient with ``use_normalized_grafting``), per block the factors
+``Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ``, their roots
+``(Lᵢ/(1−β2ᵗ) + ε'·I)^(−η/(2k))`` at t = start and every multiple of
+``precondition_frequency`` after it, and ``d_B = p_B·‖a_B‖/‖p_B‖``.
 
-    g                                         raw gradient
-    m ← β1·m + (1−β1)·g                       filtered gradient (skipped when β1 = 0)
-    m̃ = (β1·m + (1−β1)·g) / (1−β1ᵗ)           NAdam look-ahead (use_nesterov), else m / (1−β1ᵗ)
-    v ← β2ᵍ·v + (1−β2ᵍ)·g²                    Adam grafting's second moment
-    a = m̃ / (√v / √(1−β2ᵍᵗ) + εᵍ)             grafted direction (SGD or no grafting: a = m̃)
-
-and, per block B of a preconditioned parameter (the blocks come from
-:mod:`polyak.optim.shampoo_blocking`, shared with the torch twin)::
-
-    Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ               mode-i unfolding of the raw gradient block
-    Qᵢ = (Lᵢ / (1−β2ᵗ))^(−1/(2k))             every precondition_frequency steps
-    p_B = m̃_B ×₁ Q₁ ×₂ … ×ₖ Qₖ                 Shampoo direction
-    d_B = p_B · ‖a_B‖ / ‖p_B‖                  grafted to the per-block norm of a
-
-then ``d ← d + wd·θ`` (decoupled weight decay), an optional EMA momentum on d
-(Nesterov-style), and ``θ ← θ − lr·d``. :func:`scale_by_shampoo` computes d
-before weight decay; :func:`shampoo` chains it with ``add_decayed_weights``,
-:func:`scale_by_ema_momentum` and the learning rate, inside
-:func:`skip_unusable_steps`.
+:func:`scale_by_shampoo` computes d before weight decay; :func:`shampoo`
+chains it with ``add_decayed_weights``, :func:`scale_by_ema_momentum` and the
+learning rate, inside :func:`skip_unusable_steps`. :func:`training_metrics`
+reads the counters for the training log.
 
 JAX specifics:
 
@@ -30,10 +22,14 @@ JAX specifics:
   their inverse roots are one ``vmap``-ed eigh. The roots are recomputed under
   ``lax.cond``, so steps between root refreshes pay only the matmuls. The
   groups' eighs run one after another (see :func:`_update_roots` for why).
-- Numerics follow the torch twin: eigenvalues become ``max(λ, 0) + ε`` before
-  the power; a non-finite root keeps the previous one (retried in float64
-  first when ``jax_enable_x64`` is on) and counts in ``root_failures``; a
-  block uses the grafted direction until all of its roots were computed once;
+- Numerics follow the torch twin: the spectrum is shifted to >= 0 and
+  floored at ``ε' = max(ε, λmax·c^(−2k/η))`` before the power. float64
+  statistics and eigh (``preconditioner_precision``) need ``jax_enable_x64``;
+  without it they are float32 and a warning says so once. With it, the twins
+  agree to 1e-5 on the recorded problems. A non-finite root keeps the
+  previous one (retried in float64 first when x64 is on) and counts in
+  ``root_failures``; a block uses the grafted direction until all of its
+  roots were computed once;
   summed statistics (β2 = 1) that would overflow are not accumulated
   (``skipped_statistics``); a non-finite Shampoo direction anywhere makes the
   step use the grafted directions (``direction_fallbacks``).
@@ -57,11 +53,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from polyak.optim.bias_correction_jax import bias_correction
 from polyak.optim.nadamw_jax import warmup_cosine_schedule
 from polyak.optim.schedules import warmup_steps_for
-from polyak.optim.shampoo_blocking import ParameterPlan, plan_parameter
+from polyak.optim.shampoo_blocking import ParameterPlan, grafting_blocks, plan_parameter
 from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
 
 __all__ = [
@@ -75,12 +72,15 @@ __all__ = [
     "shampoo",
     "shampoo_schedule",
     "skip_unusable_steps",
+    "training_metrics",
 ]
 
 # Keeps the grafting ratio ‖a‖ / ‖p‖ finite when the Shampoo direction vanishes.
 _NORM_FLOOR = 1e-16
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Graftings that keep a second moment of the gradient.
+_SECOND_MOMENT_GRAFTINGS = ("adam", "rmsprop", "adagrad")
 
 
 # ---------------------------------------------------------------------- layout
@@ -123,6 +123,13 @@ def _factor_dtype(dtype: Any) -> Any:
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
+def _statistics_dtype(config: ShampooConfig, root_dtype: Any) -> Any:
+    """float64 statistics and eigh as configured, when JAX has float64 (``jax_enable_x64``)."""
+    if config.preconditioner_precision == "float64" and bool(jax.config.jax_enable_x64):
+        return jnp.float64
+    return root_dtype
+
+
 def _group_key(dim: int, dtype: Any) -> str:
     return str(dim) if jnp.dtype(dtype) == jnp.float32 else f"{dim}_{jnp.dtype(dtype).name}"
 
@@ -139,13 +146,14 @@ def _build_layout(leaves: Sequence[Any], config: ShampooConfig) -> _Layout:
         leaf_slots = []
         for block in plan.blocks:
             root = config.inv_root_override or 2 * block.order
+            exponent = -config.exponent_multiplier / root
             block_slots = []
             for dim in block.dims:
                 key = _group_key(dim, dtype)
                 group_info.setdefault(key, (dim, dtype))
                 rows = exponents.setdefault(key, [])
                 block_slots.append(_FactorSlot(key, len(rows)))
-                rows.append(-1.0 / root)
+                rows.append(exponent)
                 owners.setdefault(key, []).append(num_blocks)
             leaf_slots.append(tuple(block_slots))
             num_blocks += 1
@@ -218,28 +226,28 @@ def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def matrix_inverse_root(
-    matrix: jax.Array, exponent: jax.Array | float, epsilon: float
+    matrix: jax.Array, exponent: jax.Array | float, epsilon: float, max_condition: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
-    """``matrix^exponent`` of a symmetric PSD matrix, and whether it is finite.
+    """``(matrix + shift·I + ε'·I)^exponent`` of a symmetric PSD matrix, and whether it is finite.
 
-    Eigenvalues are clamped at 0 and shifted by ``epsilon`` first, so the
-    result is finite whenever eigh succeeds.
+    As in Distributed Shampoo, a negative smallest eigenvalue (round-off)
+    shifts the whole spectrum up to 0 first, so the result is finite whenever
+    eigh succeeds. ``ε' = max(ε, λmax·c^(1/exponent))`` caps the root's
+    condition number at ``c = max_condition`` (0: ``ε' = ε``).
     """
     eigenvalues, eigenvectors = _eigh(matrix)
-    scales = jnp.power(jnp.maximum(eigenvalues, 0.0) + epsilon, exponent)
+    eigenvalues = eigenvalues - jnp.minimum(jnp.min(eigenvalues), 0.0)
+    floor = jnp.asarray(epsilon, eigenvalues.dtype)
+    if max_condition > 0:
+        cap = jnp.power(jnp.asarray(max_condition, eigenvalues.dtype), 1.0 / exponent)
+        floor = jnp.maximum(floor, jnp.max(eigenvalues) * cap)
+    scales = jnp.power(eigenvalues + floor, exponent)
     root = jnp.matmul(eigenvectors * scales, eigenvectors.T, precision=_HIGHEST)
     return root, jnp.all(jnp.isfinite(root))
 
 
 def _factor_statistics(block: jax.Array) -> list[jax.Array]:
-    """G₍ᵢ₎G₍ᵢ₎ᵀ for every mode i of the block."""
-    if block.ndim == 1:
-        return [jnp.outer(block, block)]
-    if block.ndim == 2:
-        return [
-            jnp.matmul(block, block.T, precision=_HIGHEST),
-            jnp.matmul(block.T, block, precision=_HIGHEST),
-        ]
+    """G₍ᵢ₎G₍ᵢ₎ᵀ for every mode i of the block (the contraction over every other mode)."""
     axes = range(block.ndim)
     return [
         jnp.tensordot(
@@ -253,14 +261,9 @@ def _factor_statistics(block: jax.Array) -> list[jax.Array]:
 
 
 def _precondition(block: jax.Array, roots: Sequence[jax.Array]) -> jax.Array:
-    """``block ×₁ Q₁ ×₂ … ×ₖ Qₖ`` with symmetric Qᵢ."""
-    if block.ndim == 1:
-        return jnp.matmul(roots[0], block, precision=_HIGHEST)
-    if block.ndim == 2:
-        left = jnp.matmul(roots[0], block, precision=_HIGHEST)
-        return jnp.matmul(left, roots[1], precision=_HIGHEST)
+    """``block ×₁ Q₁ ×₂ … ×ₖ Qₖ`` with symmetric Qᵢ (each contraction moves the next mode first)."""
     result = block
-    for root in roots:  # each contraction moves the next mode to the back
+    for root in roots:
         result = jnp.tensordot(result, root, axes=([0], [0]), precision=_HIGHEST)
     return result
 
@@ -283,22 +286,34 @@ def scale_by_shampoo(config: ShampooConfig | None = None) -> optax.GradientTrans
         raise ShampooConfigError(f"config={config!r} must be a ShampooConfig")
     start = max(config.start_preconditioning_step, 1)
     frequency = config.precondition_frequency
+    if config.preconditioner_precision == "float64" and not jax.config.jax_enable_x64:
+        logging.log_first_n(
+            logging.WARNING,
+            "Shampoo: preconditioner_precision='float64' needs jax_enable_x64; the factor "
+            "statistics and their eigh run in float32, where round-off on rank-deficient "
+            "factors exceeds epsilon",
+            1,
+        )
 
     def init_fn(params: optax.Params) -> ScaleByShampooState:
         leaves = jax.tree.leaves(params)
         layout = _build_layout(leaves, config)
         factors = {
-            key: jnp.zeros((len(group.exponents), group.dim, group.dim), group.dtype)
+            key: jnp.zeros(
+                (len(group.exponents), group.dim, group.dim),
+                _statistics_dtype(config, group.dtype),
+            )
             for key, group in layout.groups.items()
         }
         return ScaleByShampooState(
             count=jnp.zeros([], jnp.int32),
             exp_avg=jax.tree.map(jnp.zeros_like, params) if config.beta1 > 0.0 else None,
-            exp_avg_sq=(
-                jax.tree.map(jnp.zeros_like, params) if config.grafting == "adam" else None
-            ),
+            exp_avg_sq=_second_moments_init(config, params),
             factors=factors,
-            roots={key: jnp.zeros_like(stack) for key, stack in factors.items()},
+            roots={
+                key: jnp.zeros((len(group.exponents), group.dim, group.dim), group.dtype)
+                for key, group in layout.groups.items()
+            },
             root_ok={
                 key: jnp.zeros((len(group.exponents),), jnp.bool_)
                 for key, group in layout.groups.items()
@@ -316,13 +331,16 @@ def scale_by_shampoo(config: ShampooConfig | None = None) -> optax.GradientTrans
         layout = _build_layout(grads, config)
         count = state.count + jnp.array(1, jnp.int32)
 
-        exp_avg, filtered = _filtered_gradients(config, grads, state.exp_avg, treedef, count)
-        exp_avg_sq, grafted = _grafted_directions(
-            config, grads, filtered, state.exp_avg_sq, treedef, count
-        )
         factors, skipped_statistics = _update_statistics(config, layout, grads, state.factors)
+        exp_avg_sq, denominators = _update_grafting(config, layout, grads, state.exp_avg_sq, count)
+        exp_avg, filtered = _filtered_gradients(config, grads, state.exp_avg, treedef, count)
+        grafted = _divide(filtered, denominators)
+        if config.use_normalized_grafting:
+            graft_norm_source = _divide(_block_normalized(config, grads), denominators)
+        else:
+            graft_norm_source = grafted
 
-        roots_due = (count >= start) & ((count - start) % frequency == 0)
+        roots_due = (count == start) | ((count > start) & (count % frequency == 0))
         roots, root_ok, root_failures = jax.lax.cond(
             roots_due,
             lambda f, r, ok: _update_roots(config, layout, f, r, ok, count),
@@ -333,7 +351,7 @@ def scale_by_shampoo(config: ShampooConfig | None = None) -> optax.GradientTrans
         )
 
         directions, fell_back = _shampoo_directions(
-            config, layout, filtered, grafted, roots, root_ok, count >= start
+            config, layout, filtered, grafted, graft_norm_source, roots, root_ok, count >= start
         )
         new_state = ScaleByShampooState(
             count=count,
@@ -363,9 +381,9 @@ def _filtered_gradients(
     if beta1 == 0.0:
         return None, grads
     averages = treedef.flatten_up_to(exp_avg)
-    averages = [m + (1.0 - beta1) * (g - m) for g, m in zip(grads, averages, strict=True)]
-    if config.use_nesterov:
-        filtered = [m + (1.0 - beta1) * (g - m) for g, m in zip(grads, averages, strict=True)]
+    averages = [beta1 * m + (1.0 - beta1) * g for g, m in zip(grads, averages, strict=True)]
+    if config.use_nadam:
+        filtered = [beta1 * m + (1.0 - beta1) * g for g, m in zip(grads, averages, strict=True)]
     else:
         filtered = averages
     if config.use_bias_correction:
@@ -374,32 +392,81 @@ def _filtered_gradients(
     return jax.tree.unflatten(treedef, averages), filtered
 
 
-def _grafted_directions(
-    config: ShampooConfig,
-    grads: list[jax.Array],
-    filtered: list[jax.Array],
-    exp_avg_sq: optax.Updates | None,
-    treedef: Any,
-    count: jax.Array,
-) -> tuple[optax.Updates | None, list[jax.Array]]:
-    """The new ``exp_avg_sq`` and the grafted method's direction a for each leaf."""
-    if config.grafting != "adam":
-        return None, filtered
-    beta2 = config.grafting_beta2
-    second_moments = [
-        beta2 * v + (1.0 - beta2) * g * g
-        for g, v in zip(grads, treedef.flatten_up_to(exp_avg_sq), strict=True)
-    ]
-    correction = (
-        jnp.sqrt(bias_correction(beta2, count, jnp.float32)) if config.use_bias_correction else None
+def _grafting_of(config: ShampooConfig, shape: Sequence[int]) -> str:
+    """Large (grafted-only) leaves always get Adam grafting, as in the v0.5 submission."""
+    if any(d >= config.preconditioning_dim_limit for d in shape):
+        return "adam"
+    return config.grafting
+
+
+def _second_moments_init(config: ShampooConfig, params: optax.Params) -> optax.Updates | None:
+    """Zeros for the leaves whose grafting keeps a second moment; None if no leaf does."""
+    leaves, treedef = jax.tree.flatten(params)
+    kinds = [_grafting_of(config, leaf.shape) for leaf in leaves]
+    if not any(kind in _SECOND_MOMENT_GRAFTINGS for kind in kinds):
+        return None
+    return jax.tree.unflatten(
+        treedef,
+        [
+            jnp.zeros_like(leaf) if kind in _SECOND_MOMENT_GRAFTINGS else jnp.zeros([], leaf.dtype)
+            for leaf, kind in zip(leaves, kinds, strict=True)
+        ],
     )
-    grafted = []
-    for f, v in zip(filtered, second_moments, strict=True):
-        denominator = jnp.sqrt(v)
-        if correction is not None:
-            denominator = denominator / correction.astype(v.dtype)
-        grafted.append(f / (denominator + config.grafting_epsilon))
-    return jax.tree.unflatten(treedef, second_moments), grafted
+
+
+def _update_grafting(
+    config: ShampooConfig,
+    layout: _Layout,
+    grads: list[jax.Array],
+    exp_avg_sq: optax.Updates | None,
+    count: jax.Array,
+) -> tuple[optax.Updates | None, list[jax.Array | None]]:
+    """The new second moments and each leaf's grafting denominator (None: SGD, none).
+
+    Adam: √(v/(1−β2ᵗ)) + ε; RMSprop: √v + ε (EMA, no correction); AdaGrad:
+    √(Σg²) + ε.
+    """
+    if exp_avg_sq is None:
+        return None, [None] * len(grads)
+    leaves, treedef = jax.tree.flatten(exp_avg_sq)
+    sources = _block_normalized(config, grads) if config.use_normalized_grafting else grads
+    new_leaves, denominators = [], []
+    for source, v in zip(sources, leaves, strict=True):
+        kind = _grafting_of(config, source.shape)
+        if kind not in _SECOND_MOMENT_GRAFTINGS:
+            new_leaves.append(v)
+            denominators.append(None)
+            continue
+        beta2 = 1.0 if kind == "adagrad" else config.grafting_beta2
+        squared = source * source
+        v = v + squared if beta2 == 1.0 else beta2 * v + (1.0 - beta2) * squared
+        corrected = v
+        if kind == "adam" and config.use_bias_correction and beta2 < 1.0:
+            corrected = v / bias_correction(beta2, count, jnp.float32).astype(v.dtype)
+        new_leaves.append(v)
+        denominators.append(jnp.sqrt(corrected) + config.grafting_epsilon)
+    return jax.tree.unflatten(treedef, new_leaves), denominators
+
+
+def _divide(numerators: list[jax.Array], denominators: list[jax.Array | None]) -> list[jax.Array]:
+    return [n if d is None else n / d for n, d in zip(numerators, denominators, strict=True)]
+
+
+def _block_normalized(config: ShampooConfig, grads: list[jax.Array]) -> list[jax.Array]:
+    """Each block of each gradient divided by its norm (normalized grafting's input)."""
+    result = []
+    for grad in grads:
+        merged_shape, blocks = grafting_blocks(tuple(grad.shape), config)
+        source = grad.reshape(merged_shape)
+        if len(blocks) == 1:
+            result.append(grad / (_norm(grad) + _NORM_FLOOR))
+            continue
+        normalized = jnp.zeros(merged_shape, grad.dtype)
+        for block in blocks:
+            piece = source[block]
+            normalized = normalized.at[block].set(piece / (_norm(piece) + _NORM_FLOOR))
+        result.append(normalized.reshape(grad.shape))
+    return result
 
 
 def _blocks_of(leaf: jax.Array, plan: ParameterPlan, dtype: Any) -> list[jax.Array]:
@@ -429,7 +496,9 @@ def _update_statistics(
         if not plan.preconditioned:
             continue
         for block, block_slots in zip(
-            _blocks_of(grad, plan, _factor_dtype(grad.dtype)), leaf_slots, strict=True
+            _blocks_of(grad, plan, _statistics_dtype(config, _factor_dtype(grad.dtype))),
+            leaf_slots,
+            strict=True,
         ):
             for statistic, slot in zip(_factor_statistics(block), block_slots, strict=True):
                 contributions[slot.group][slot.index] = statistic
@@ -493,13 +562,13 @@ def _update_roots(
             # previous group's roots makes each eigh wait for the one before; an
             # optimization barrier would not, as XLA drops it before scheduling.
             matrices = matrices + _zero_after(previous, matrices.dtype)
-        candidate, finite = jax.vmap(lambda m, e: matrix_inverse_root(m, e, config.epsilon))(
-            matrices, exponents
-        )
+        candidate, finite = jax.vmap(
+            lambda m, e: matrix_inverse_root(m, e, config.epsilon, config.max_root_condition)
+        )(matrices, exponents)
         if stack.dtype == jnp.float32 and jax.config.jax_enable_x64:
-            candidate, finite = _retry_in_float64(
-                matrices, exponents, config.epsilon, candidate, finite
-            )
+            candidate, finite = _retry_in_float64(matrices, exponents, config, candidate, finite)
+        candidate = candidate.astype(roots[key].dtype)
+        finite = finite & jnp.all(jnp.isfinite(candidate), axis=(1, 2))
         new_roots[key] = jnp.where(finite[:, None, None], candidate, roots[key])
         new_ok[key] = root_ok[key] | finite
         failures = failures + jnp.sum(~finite).astype(jnp.int32)
@@ -516,7 +585,7 @@ def _zero_after(value: jax.Array, dtype: Any) -> jax.Array:
 def _retry_in_float64(
     matrices: jax.Array,
     exponents: jax.Array,
-    epsilon: float,
+    config: ShampooConfig,
     candidate: jax.Array,
     finite: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
@@ -524,9 +593,9 @@ def _retry_in_float64(
 
     def retry(operands: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         first, first_finite = operands
-        second, second_finite = jax.vmap(lambda m, e: matrix_inverse_root(m, e, epsilon))(
-            matrices.astype(jnp.float64), exponents.astype(jnp.float64)
-        )
+        second, second_finite = jax.vmap(
+            lambda m, e: matrix_inverse_root(m, e, config.epsilon, config.max_root_condition)
+        )(matrices.astype(jnp.float64), exponents.astype(jnp.float64))
         second = second.astype(jnp.float32)
         second_finite = second_finite & jnp.all(jnp.isfinite(second), axis=(1, 2))
         merged = jnp.where(first_finite[:, None, None], first, second)
@@ -540,6 +609,7 @@ def _shampoo_directions(
     layout: _Layout,
     filtered: list[jax.Array],
     grafted: list[jax.Array],
+    graft_norm_source: list[jax.Array],
     roots: dict[str, jax.Array],
     root_ok: dict[str, jax.Array],
     started: jax.Array,
@@ -550,8 +620,8 @@ def _shampoo_directions(
     directions: list[jax.Array] = []
     preconditioned: list[int] = []
     block_number = 0
-    for leaf_filtered, leaf_grafted, plan, leaf_slots in zip(
-        filtered, grafted, layout.plans, layout.slots, strict=True
+    for leaf_filtered, leaf_grafted, leaf_source, plan, leaf_slots in zip(
+        filtered, grafted, graft_norm_source, layout.plans, layout.slots, strict=True
     ):
         if not plan.preconditioned:
             directions.append(leaf_grafted)
@@ -559,11 +629,14 @@ def _shampoo_directions(
         dtype = _factor_dtype(leaf_grafted.dtype)
         block_momenta = _blocks_of(leaf_filtered, plan, dtype)
         block_grafts = _blocks_of(leaf_grafted, plan, dtype)
+        block_sources = _blocks_of(leaf_source, plan, dtype)
         block_directions = []
-        for momentum, graft, slots in zip(block_momenta, block_grafts, leaf_slots, strict=True):
+        for momentum, graft, source, slots in zip(
+            block_momenta, block_grafts, block_sources, leaf_slots, strict=True
+        ):
             block_roots = [roots[slot.group][slot.index] for slot in slots]
             block_directions.append(
-                _block_direction(config, momentum, graft, block_roots, ready[block_number])
+                _block_direction(config, momentum, graft, source, block_roots, ready[block_number])
             )
             block_number += 1
         merged = _assemble(plan, block_directions)
@@ -584,12 +657,13 @@ def _block_direction(
     config: ShampooConfig,
     momentum: jax.Array,
     graft: jax.Array,
+    graft_norm_source: jax.Array,
     block_roots: Sequence[jax.Array],
     ready: jax.Array,
 ) -> jax.Array:
     direction = _precondition(momentum, block_roots)
     if config.grafting != "none":
-        direction = direction * (_norm(graft) / (_norm(direction) + _NORM_FLOOR))
+        direction = direction * (_norm(graft_norm_source) / (_norm(direction) + _NORM_FLOOR))
     return jnp.where(ready, direction, graft)
 
 
@@ -619,10 +693,12 @@ def scale_by_ema_momentum(momentum: float, nesterov: bool = True) -> optax.Gradi
     ) -> tuple[optax.Updates, EmaMomentumState]:
         del params
         buffer = jax.tree.map(
-            lambda d, b: b + (1.0 - momentum) * (d - b), updates, state.momentum_buffer
+            lambda d, b: momentum * b + (1.0 - momentum) * d, updates, state.momentum_buffer
         )
         if nesterov:
-            updates = jax.tree.map(lambda d, b: d + momentum * (b - d), updates, buffer)
+            updates = jax.tree.map(
+                lambda d, b: (1.0 - momentum) * d + momentum * b, updates, buffer
+            )
         else:
             updates = buffer
         return updates, EmaMomentumState(momentum_buffer=buffer)
@@ -674,6 +750,51 @@ def skip_unusable_steps(inner: optax.GradientTransformation) -> optax.GradientTr
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+METRICS_PREFIX = "shampoo/"
+SKIPPED_WARNING_SECONDS = 60
+
+
+def training_metrics(opt_state: optax.OptState) -> dict[str, int]:
+    """Counters for the training log (``shampoo/…``), read from the host; warns on skips.
+
+    Reads (and so waits for) the counters of every Shampoo state in
+    ``opt_state``: call it at the logging cadence, as the builders read the
+    averager's counters. A positive ``skipped_steps`` logs a warning, at most
+    once a minute.
+    """
+    totals = dict.fromkeys(
+        ("skipped_steps", "root_failures", "direction_fallbacks", "skipped_statistics"), 0
+    )
+    for node in _shampoo_states(opt_state):
+        if isinstance(node, SkipUnusableStepsState):
+            totals["skipped_steps"] += int(node.skipped_steps)
+        else:
+            totals["root_failures"] += int(node.root_failures)
+            totals["direction_fallbacks"] += int(node.direction_fallbacks)
+            totals["skipped_statistics"] += int(node.skipped_statistics)
+    if totals["skipped_steps"] > 0:
+        logging.log_every_n_seconds(
+            logging.WARNING,
+            "Shampoo: %d step(s) had a non-finite or overflowing gradient and were skipped",
+            SKIPPED_WARNING_SECONDS,
+            totals["skipped_steps"],
+        )
+    return {f"{METRICS_PREFIX}{name}": value for name, value in totals.items()}
+
+
+def _shampoo_states(node: Any) -> list[Any]:
+    """Every SkipUnusableStepsState and ScaleByShampooState in an optax state tree."""
+    if isinstance(node, SkipUnusableStepsState):
+        return [node, *_shampoo_states(node.inner_state)]
+    if isinstance(node, ScaleByShampooState):
+        return [node]
+    if isinstance(node, tuple | list):
+        return [found for child in node for found in _shampoo_states(child)]
+    if isinstance(node, dict):
+        return [found for child in node.values() for found in _shampoo_states(child)]
+    return []
 
 
 def shampoo(

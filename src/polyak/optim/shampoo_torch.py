@@ -1,22 +1,28 @@
 """Shampoo for PyTorch: blocked Kronecker-factored preconditioning with grafting.
 
-The algorithm follows Distributed Shampoo (Shi et al., 2023), the winner of
-AlgoPerf v0.5's external tuning track. One step, per parameter (t counts the
-steps this parameter has taken, from 1)::
+The algorithm is that of the AlgoPerf v0.5 external-tuning winner, Distributed
+Shampoo (Shi et al., 2023), as its submission configures it; its trajectories
+on small problems are recorded in ``tests/fixtures/shampoo_anchor.json`` and
+``tests/test_shampoo_anchor.py`` holds this module to them. One step, per
+parameter (t counts the steps this parameter has taken, from 1)::
 
     g                                         raw gradient
     m ← β1·m + (1−β1)·g                       filtered gradient (skipped when β1 = 0)
-    m̃ = (β1·m + (1−β1)·g) / (1−β1ᵗ)           NAdam look-ahead (use_nesterov), else m / (1−β1ᵗ)
-    v ← β2ᵍ·v + (1−β2ᵍ)·g²                    Adam grafting's second moment
-    a = m̃ / (√(v / (1−β2ᵍᵗ)) + εᵍ)            grafted direction (SGD grafting: a = m̃)
+    m̃ = (β1·m + (1−β1)·g) / (1−β1ᵗ)           NAdam look-ahead (use_nadam), else m / (1−β1ᵗ)
+    v ← β2ᵍ·v + (1−β2ᵍ)·ĝ²                    grafting's second moment (ĝ = g, or g/‖g_B‖
+                                              per block with use_normalized_grafting)
+    a = m̃ / (√(v / (1−β2ᵍᵗ)) + εᵍ)            Adam grafting; RMSprop: no correction;
+                                              AdaGrad: v summed; SGD: a = m̃
 
 and, per block B of a preconditioned parameter (see
 :mod:`polyak.optim.shampoo_blocking`), with one factor per block dimension::
 
     Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ               mode-i unfolding of the raw gradient block
-    Qᵢ = (Lᵢ / (1−β2ᵗ))^(−1/(2k))             every precondition_frequency steps
-    p_B = m̃_B ×₁ Q₁ ×₂ … ×ₖ Qₖ                 Shampoo direction
-    d_B = p_B · ‖a_B‖ / ‖p_B‖                  grafted to the per-block norm of a
+    Qᵢ = (Lᵢ/(1−β2ᵗ) + ε'·I)^(−η/(2k))         at t = start and every multiple of
+                                              precondition_frequency after it
+    p_B = m̃_B ×₁ Q₁ ×₂ … ×ₖ Qₖ                 Shampoo direction (from t = start)
+    d_B = p_B · ‖a'_B‖ / ‖p_B‖                 grafted to the per-block norm of a
+                                              (a' = the grafting of ĝ when normalized)
 
 then, for every parameter::
 
@@ -24,36 +30,41 @@ then, for every parameter::
     b ← μ·b + (1−μ)·d;  d ← (1−μ)·d + μ·b      optional EMA momentum, Nesterov (μ = momentum)
     θ ← θ − lr·d
 
-Where the first moment lives: β1 filters the gradient *before* preconditioning,
-as in Distributed Shampoo, so Shampoo and the grafted method see the same
-filtered gradient and the grafting norm is that of a proper (N)Adam step. The
-separate ``momentum`` acts on the final direction, also as in Distributed
-Shampoo. Weight decay enters that momentum; with ``momentum = 0`` it is exactly
-θ ← θ − lr·wd·θ.
-
 Before ``start_preconditioning_step`` (and for a block whose roots were never
 computed successfully) the grafted direction is used alone. Parameters with a
-dimension ``>= preconditioning_dim_limit`` and single-element parameters are
-grafted only and get no factor matrices.
+dimension ``>= preconditioning_dim_limit`` are grafted only, with Adam grafting
+whatever ``grafting`` says (the submission's row-wise optimizer for Criteo's
+embedding); single-element parameters are grafted only too (for them the
+grafted Shampoo direction is the grafted direction).
 
-Numerics, chosen so that the optimizer never crashes and never writes a
-non-finite value into a parameter:
+Numerics. Deliberate differences from the v0.5 submission, both switchable
+back (``preconditioner_precision="float32"``, ``max_root_condition=0``):
 
-- Factors are float32 (float64 for float64 parameters). An inverse root is
-  the eigendecomposition of the bias-corrected factor with each eigenvalue
-  replaced by ``max(λ, 0) + ε`` (negatives clamped to 0 first, then ε
-  added), raised to the root's power. A failed or non-finite eigh in float32
-  is retried in float64; if that fails too the previous root is kept and
-  ``root_failures`` of the block is incremented.
+- Statistics are accumulated and eigendecomposed in float64
+  (``preconditioner_precision``); roots and directions stay in float32. A
+  factor wider than the number of updates so far is rank-deficient; in
+  float32 its null eigenvalues are round-off of ~1e-7·λmax, above ε = 1e-8,
+  and round-off decides the step (the submission's own float32 and float64
+  runs differ by up to 3% within 60 steps on the recorded problems).
+- ``ε' = max(ε, λmax·c^(−2k/η))`` caps each root's condition number at
+  ``c = max_root_condition`` (100): no direction is amplified more than 100
+  times the top one, so the float32 round-off of m̃ outside the span of past
+  gradients (~6e-8) moves a step by less than 1e-5. With ε alone a vector's
+  root amplifies that null space by (λmax/ε)^(1/2), up to 1e5.
+- As in the submission, a negative smallest eigenvalue shifts the spectrum
+  up to 0 before ε' is added. A failed or non-finite eigh keeps the
+  previous root and increments ``root_failures`` of the block (a float32
+  eigh is retried in float64 first).
 - A parameter whose gradient norm is non-finite or at least half the square
   root of its dtype's largest value (9.2e18 in float32) is left untouched for
-  that step, state and parameter alike, and its ``skipped_steps`` is
-  incremented. Below that bound every new statistic of an EMA (β2 < 1) is
-  finite, because a PSD factor's entries are bounded by its trace. Summed
-  statistics (β2 = 1) are also checked per block against their predicted
-  trace; a block that would overflow keeps its old statistics
-  (``skipped_statistics``). These checks cost one host synchronisation per
-  step.
+  that step, state and parameter alike, its ``skipped_steps`` is incremented
+  and a warning is logged (at most once a minute); :meth:`Shampoo.metrics`
+  reports the counters for the training log. Below that bound every new
+  statistic of an EMA (β2 < 1) is finite, because a PSD factor's entries are
+  bounded by its trace. Summed statistics (β2 = 1) are also checked per block
+  against their predicted trace; a block that would overflow keeps its old
+  statistics (``skipped_statistics``). These checks cost one host
+  synchronisation per step.
 - If a Shampoo direction still overflows (only conceivable with extreme
   roots), the step falls back to the grafted directions for the whole
   parameter group (``direction_fallbacks``); one more synchronisation.
@@ -84,6 +95,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from absl import logging as absl_logging
 
 from polyak.distributed_torch import rank_and_world
 from polyak.optim.schedules import (
@@ -95,6 +107,7 @@ from polyak.optim.shampoo_blocking import (
     Block,
     ParameterPlan,
     assign_blocks,
+    grafting_blocks,
     plan_parameter,
 )
 from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
@@ -108,6 +121,24 @@ _LOG = logging.getLogger(__name__)
 
 # Keeps the grafting ratio ‖a‖ / ‖p‖ finite when the Shampoo direction vanishes.
 _NORM_FLOOR = 1e-16
+# Graftings that keep a second moment of the gradient.
+_SECOND_MOMENT_GRAFTINGS = ("adam", "rmsprop", "adagrad")
+
+
+METRICS_PREFIX = "shampoo/"
+SKIPPED_WARNING_SECONDS = 60
+
+
+def warn_skipped_steps(total: int, now: int) -> None:
+    """Logs that gradients were unusable and their updates skipped (at most once a minute)."""
+    absl_logging.log_every_n_seconds(
+        absl_logging.WARNING,
+        "Shampoo: %d parameter(s) had a non-finite or overflowing gradient and were not "
+        "updated this step (%d parameter-step(s) skipped so far)",
+        SKIPPED_WARNING_SECONDS,
+        now,
+        total,
+    )
 
 
 class ShampooStateError(ValueError):
@@ -170,13 +201,19 @@ class Shampoo(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _factor_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """Statistics and eigh: float64 when so configured (or for float64 parameters)."""
+        if self.config.preconditioner_precision == "float64" or p.dtype == torch.float64:
+            return torch.float64
+        return torch.float32
+
+    def _root_dtype(self, p: torch.Tensor) -> torch.dtype:
         return torch.float64 if p.dtype == torch.float64 else torch.float32
 
     def _new_block_state(self, p: torch.Tensor, block: Block) -> dict[str, Any]:
-        dtype = self._factor_dtype(p)
+        factor_dtype, root_dtype = self._factor_dtype(p), self._root_dtype(p)
         return {
-            "factors": [torch.zeros(d, d, dtype=dtype, device=p.device) for d in block.dims],
-            "roots": [torch.zeros(d, d, dtype=dtype, device=p.device) for d in block.dims],
+            "factors": [torch.zeros(d, d, dtype=factor_dtype, device=p.device) for d in block.dims],
+            "roots": [torch.zeros(d, d, dtype=root_dtype, device=p.device) for d in block.dims],
             "root_ok": [False] * block.order,
             "root_failures": 0,
             "skipped_statistics": 0,
@@ -192,7 +229,7 @@ class Shampoo(torch.optim.Optimizer):
         state["direction_fallbacks"] = 0
         if config.beta1 > 0.0:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if config.grafting == "adam":
+        if self._grafting_of(p) in _SECOND_MOMENT_GRAFTINGS:
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if config.momentum > 0.0:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -260,10 +297,15 @@ class Shampoo(torch.optim.Optimizer):
             self.state[p]["step"] += 1
             steps.append(self.state[p]["step"])
 
-        filtered = self._filtered_gradients(params, grads, steps)
-        grafted = self._grafted_directions(params, grads, filtered, steps)
         self._update_preconditioners(params, grads, steps, statistics_unsafe)
-        directions = self._shampoo_directions(params, filtered, grafted, steps)
+        denominators = self._update_grafting(params, grads, steps)
+        filtered = self._filtered_gradients(params, grads, steps)
+        grafted = _divide(filtered, denominators)
+        if self.config.use_normalized_grafting:
+            graft_norm_source = _divide(self._block_normalized(params, grads), denominators)
+        else:
+            graft_norm_source = grafted
+        directions = self._shampoo_directions(params, filtered, grafted, graft_norm_source, steps)
 
         weight_decay = group["weight_decay"]
         if weight_decay != 0.0:
@@ -271,9 +313,11 @@ class Shampoo(torch.optim.Optimizer):
         momentum = self.config.momentum
         if momentum > 0.0:
             buffers = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_lerp_(buffers, directions, 1.0 - momentum)
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, directions, alpha=1.0 - momentum)
             if self.config.use_nesterov:
-                directions = list(torch._foreach_lerp(directions, buffers, momentum))
+                directions = list(torch._foreach_mul(directions, 1.0 - momentum))
+                torch._foreach_add_(directions, buffers, alpha=momentum)
             else:
                 directions = buffers
         torch._foreach_add_(params, directions, alpha=-group["lr"])
@@ -324,6 +368,10 @@ class Shampoo(torch.optim.Optimizer):
                 kept_grads.append(g)
             else:
                 self.state[p]["skipped_steps"] += 1
+        warn_skipped_steps(
+            sum(self.state[p].get("skipped_steps", 0) for p in self._all_params()),
+            len(params) - len(kept_params),
+        )
         return kept_params, kept_grads, unsafe
 
     def _filtered_gradients(
@@ -334,42 +382,80 @@ class Shampoo(torch.optim.Optimizer):
         if beta1 == 0.0:
             return grads
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        if self.config.use_nesterov:
-            filtered = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
-        else:
-            filtered = exp_avgs
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        filtered = exp_avgs
+        if self.config.use_nadam:
+            filtered = list(torch._foreach_mul(exp_avgs, beta1))
+            torch._foreach_add_(filtered, grads, alpha=1.0 - beta1)
         if self.config.use_bias_correction:
             filtered = list(torch._foreach_div(filtered, [1.0 - beta1**t for t in steps]))
         return filtered
 
-    def _grafted_directions(
-        self,
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        filtered: list[torch.Tensor],
-        steps: list[int],
-    ) -> list[torch.Tensor]:
-        """The grafted method's direction; read-only like ``filtered``."""
+    def _grafting_of(self, p: torch.Tensor) -> str:
+        """Large (grafted-only) parameters always get Adam grafting, as in the v0.5 submission."""
+        if any(d >= self.config.preconditioning_dim_limit for d in p.shape):
+            return "adam"
+        return self.config.grafting
+
+    def _update_grafting(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], steps: list[int]
+    ) -> list[torch.Tensor | None]:
+        """Updates the grafted method's second moments; returns each parameter's denominator.
+
+        ``None`` for SGD (and no) grafting, whose direction is the filtered
+        gradient itself. Adam: √(v/(1−β2ᵗ)) + ε; RMSprop: √v + ε (EMA, no
+        correction); AdaGrad: √(Σg²) + ε.
+        """
         config = self.config
-        if config.grafting != "adam":
-            return filtered
-        beta2 = config.grafting_beta2
-        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        if config.use_bias_correction:
-            torch._foreach_div_(denominators, [math.sqrt(1.0 - beta2**t) for t in steps])
-        torch._foreach_add_(denominators, config.grafting_epsilon)
-        return list(torch._foreach_div(filtered, denominators))
+        sources = self._block_normalized(params, grads) if config.use_normalized_grafting else grads
+        denominators: list[torch.Tensor | None] = [None] * len(params)
+        for kind in _SECOND_MOMENT_GRAFTINGS:
+            members = [i for i, p in enumerate(params) if self._grafting_of(p) == kind]
+            if not members:
+                continue
+            beta2 = 1.0 if kind == "adagrad" else config.grafting_beta2
+            exp_avg_sqs = [self.state[params[i]]["exp_avg_sq"] for i in members]
+            chosen = [sources[i] for i in members]
+            if beta2 == 1.0:
+                torch._foreach_addcmul_(exp_avg_sqs, chosen, chosen, value=1.0)
+            else:
+                torch._foreach_mul_(exp_avg_sqs, beta2)
+                torch._foreach_addcmul_(exp_avg_sqs, chosen, chosen, value=1.0 - beta2)
+            if kind == "adam" and config.use_bias_correction and beta2 < 1.0:
+                corrected = torch._foreach_div(
+                    exp_avg_sqs, [1.0 - beta2 ** steps[i] for i in members]
+                )
+            else:
+                corrected = [v.clone() for v in exp_avg_sqs]
+            torch._foreach_sqrt_(corrected)
+            torch._foreach_add_(corrected, config.grafting_epsilon)
+            for i, denominator in zip(members, corrected, strict=True):
+                denominators[i] = denominator
+        return denominators
+
+    def _block_normalized(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Each block of each gradient divided by its norm (normalized grafting's input)."""
+        result = []
+        for p, grad in zip(params, grads, strict=True):
+            merged_shape, blocks = grafting_blocks(tuple(p.shape), self.config)
+            normalized = torch.empty_like(grad).view(merged_shape)
+            source = grad.reshape(merged_shape)
+            for block in blocks:
+                piece = source[block]
+                normalized[block] = piece / (torch.linalg.vector_norm(piece) + _NORM_FLOOR)
+            result.append(normalized.view(p.shape))
+        return result
 
     def _preconditioning_starts(self) -> int:
         return max(self.config.start_preconditioning_step, 1)
 
     def _roots_due(self, step: int) -> bool:
         start = self._preconditioning_starts()
-        return step >= start and (step - start) % self.config.precondition_frequency == 0
+        frequency = self.config.precondition_frequency
+        return step == start or (step > start and step % frequency == 0)
 
     def _update_preconditioners(
         self,
@@ -404,8 +490,11 @@ class Shampoo(torch.optim.Optimizer):
         if config.use_bias_correction and config.beta2 < 1.0:
             correction = 1.0 - config.beta2**step
         root = config.inv_root_override or 2 * block.order
+        exponent = -config.exponent_multiplier / root
         for j, factor in enumerate(block_state["factors"]):
-            inverse_root = _inverse_root(factor / correction, root, config.epsilon)
+            inverse_root = _inverse_root(
+                factor / correction, exponent, config.epsilon, config.max_root_condition
+            )
             if inverse_root is None:
                 block_state["root_failures"] += 1
                 continue
@@ -417,6 +506,7 @@ class Shampoo(torch.optim.Optimizer):
         params: list[torch.Tensor],
         filtered: list[torch.Tensor],
         grafted: list[torch.Tensor],
+        graft_norm_source: list[torch.Tensor],
         steps: list[int],
     ) -> list[torch.Tensor]:
         """Per-block Shampoo directions grafted to the grafted method's block norms.
@@ -450,10 +540,11 @@ class Shampoo(torch.optim.Optimizer):
         for i, segment in zip(active, segments, strict=True):
             p = params[i]
             plan = self._plans[p]
-            dtype = self._factor_dtype(p)
+            dtype = self._root_dtype(p)
             view = segment.view(plan.merged_shape)
             momentum = filtered[i].reshape(plan.merged_shape)
             graft = grafted[i].reshape(plan.merged_shape)
+            graft_source = graft_norm_source[i].reshape(plan.merged_shape)
             for index in self._owned[p]:
                 block = plan.blocks[index]
                 block_state = self.state[p]["blocks"][index]
@@ -462,7 +553,7 @@ class Shampoo(torch.optim.Optimizer):
                     preconditioned.append(
                         _precondition(momentum[block.slices].to(dtype), block_state["roots"])
                     )
-                    graft_blocks.append(graft[block.slices])
+                    graft_blocks.append(graft_source[block.slices])
                 else:  # no good root yet: the grafted direction alone
                     view[block.slices] = graft[block.slices]
         if preconditioned and self.config.grafting != "none":
@@ -519,6 +610,19 @@ class Shampoo(torch.optim.Optimizer):
                 state_dict.get("shampoo", {}).get("world_size", "?"),
             )
 
+    def metrics(self) -> dict[str, float]:
+        """Counters for the training log (``shampoo/…``), as the averager reports its skips."""
+        counters = self.diagnostics()
+        return {
+            f"{METRICS_PREFIX}{name}": float(counters[name])
+            for name in (
+                "skipped_steps",
+                "root_failures",
+                "direction_fallbacks",
+                "skipped_statistics",
+            )
+        }
+
     def diagnostics(self) -> dict[str, int]:
         """Counters of this rank (root failures, skipped statistics and steps, memory)."""
         counters = {
@@ -546,47 +650,60 @@ class Shampoo(torch.optim.Optimizer):
 
 
 def _accumulate_statistics(factors: list[torch.Tensor], block: torch.Tensor, beta2: float) -> None:
-    """Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ in place (Lᵢ ← Lᵢ + G₍ᵢ₎G₍ᵢ₎ᵀ when β2 = 1)."""
-    decay, weight = (beta2, 1.0 - beta2) if beta2 < 1.0 else (1.0, 1.0)
-    if block.dim() == 1:
-        factors[0].addr_(block, block, beta=decay, alpha=weight)
-    elif block.dim() == 2:
-        factors[0].addmm_(block, block.T, beta=decay, alpha=weight)
-        factors[1].addmm_(block.T, block, beta=decay, alpha=weight)
-    else:
-        modes = list(range(block.dim()))
-        for i, factor in enumerate(factors):
-            others = [d for d in modes if d != i]
-            factor.mul_(decay).add_(
-                torch.tensordot(block, block, dims=(others, others)), alpha=weight
-            )
+    """Lᵢ ← β2·Lᵢ + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ in place (Lᵢ ← Lᵢ + G₍ᵢ₎G₍ᵢ₎ᵀ when β2 = 1).
+
+    Scale, then add the contraction over every other mode: Distributed
+    Shampoo's order of operations, so float32 factors round alike.
+    """
+    modes = list(range(block.dim()))
+    if beta2 != 1.0:
+        torch._foreach_mul_(factors, beta2)
+    products = [
+        torch.tensordot(block, block, dims=([d for d in modes if d != i],) * 2)
+        for i in range(block.dim())
+    ]
+    torch._foreach_add_(factors, products, alpha=1.0 - beta2 if beta2 != 1.0 else 1.0)
 
 
-def _inverse_root(matrix: torch.Tensor, root: int, epsilon: float) -> torch.Tensor | None:
-    """``matrix^(−1/root)`` of a symmetric PSD matrix, or None if it cannot be had."""
+def _inverse_root(
+    matrix: torch.Tensor, exponent: float, epsilon: float, max_condition: float
+) -> torch.Tensor | None:
+    """``(matrix + shift·I + ε'·I)^exponent`` of a symmetric PSD matrix, or None on failure.
+
+    As in Distributed Shampoo, a negative smallest eigenvalue (round-off)
+    shifts the whole spectrum up to 0 first. ``ε' = max(ε, λmax·c^(1/exponent))``
+    caps the root's condition number at ``c = max_condition`` (0: ``ε' = ε``).
+    A float32 matrix is retried in float64 if its eigh fails.
+    """
     dtypes = [torch.float64] if matrix.dtype == torch.float64 else [matrix.dtype, torch.float64]
     for dtype in dtypes:
         try:
             eigenvalues, eigenvectors = torch.linalg.eigh(matrix.to(dtype))
         except RuntimeError:  # torch.linalg.LinAlgError and friends
             continue
-        scales = eigenvalues.clamp(min=0.0).add(epsilon).pow(-1.0 / root)
-        result = (eigenvectors * scales) @ eigenvectors.T
+        eigenvalues = eigenvalues - eigenvalues.min().clamp(max=0.0)
+        floor = epsilon
+        if max_condition > 0:
+            floor = max(epsilon, float(eigenvalues.max()) * max_condition ** (1.0 / exponent))
+        scales = eigenvalues.add(floor).pow(exponent)
+        result = eigenvectors * scales.unsqueeze(0) @ eigenvectors.T
         if bool(torch.isfinite(result).all()):
-            return result.to(matrix.dtype)
+            return result
     return None
 
 
 def _precondition(block: torch.Tensor, roots: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``block ×₁ Q₁ ×₂ … ×ₖ Qₖ`` with symmetric Qᵢ."""
-    if block.dim() == 1:
-        return roots[0] @ block
-    if block.dim() == 2:
-        return roots[0] @ block @ roots[1]
+    """``block ×₁ Q₁ ×₂ … ×ₖ Qₖ`` with symmetric Qᵢ (each contraction moves the next mode first)."""
     result = block
-    for root in roots:  # each contraction moves the next mode to the front
+    for root in roots:
         result = torch.tensordot(result, root, dims=([0], [0]))
     return result
+
+
+def _divide(
+    numerators: list[torch.Tensor], denominators: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    return [n if d is None else n / d for n, d in zip(numerators, denominators, strict=True)]
 
 
 def _restore_dtypes(loaded: Any, saved: Any, device: torch.device) -> Any:
