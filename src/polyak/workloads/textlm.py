@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from polyak.algoperf import spec
-from polyak.workloads.base import EmbeddedWorkload, InputQueue
+from polyak.workloads.base import EmbeddedWorkload
 from polyak.workloads.calibration import CalibratedValue, load_calibration
 from polyak.workloads.data import DatasetFingerprint, DatasetMismatchError, Split
 from polyak.workloads.prng import rng_words
@@ -218,6 +218,9 @@ class BaseTextLMWorkload(EmbeddedWorkload):
     num_layers = 3
     mlp_dim = 256
     num_eval_windows = 128
+    _loss_type = spec.LossType.SOFTMAX_CROSS_ENTROPY
+    _token_inputs = True
+    _predicts_every_position = True
     _target_metric = "loss"
     _higher_is_better = False
     _validation_target = CalibratedValue("validation_target")
@@ -232,10 +235,6 @@ class BaseTextLMWorkload(EmbeddedWorkload):
     #: Whether the corpus must match the calibration record's fingerprint;
     #: the calibration script turns it off on the text it calibrates.
     _verify_corpus = True
-
-    @property
-    def loss_type(self) -> spec.LossType:
-        return spec.LossType.SOFTMAX_CROSS_ENTROPY
 
     @property
     def _data(self) -> TextCorpus:  # type: ignore[override]
@@ -283,31 +282,13 @@ class BaseTextLMWorkload(EmbeddedWorkload):
     def train_stddev(self) -> tuple[float, ...]:
         return ()
 
-    def _build_input_queue(
-        self,
-        data_rng: spec.RandomState,
-        split: str,
-        data_dir: str | None,
-        global_batch_size: int,
-        cache: bool | None = None,
-        repeat_final_dataset: bool | None = None,
-        num_batches: int | None = None,
-    ) -> Iterator[dict[str, Any]]:
-        """Training windows are drawn afresh every step; eval splits as in the base class."""
-        if split != "train":
-            return super()._build_input_queue(
-                data_rng,
-                split,
-                data_dir,
-                global_batch_size,
-                cache=cache,
-                repeat_final_dataset=repeat_final_dataset,
-                num_batches=num_batches,
-            )
-        windows = RandomWindows(
+    def _train_batches(
+        self, data_rng: spec.RandomState, global_batch_size: int
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Windows drawn afresh every step, not epochs over fixed examples."""
+        return RandomWindows(
             self._data.train_stream, self.context_length, global_batch_size, data_rng
         )
-        return InputQueue(windows, self._to_framework_batch, num_batches)
 
 
 def expected_parameter_count(workload: BaseTextLMWorkload) -> int:
