@@ -282,6 +282,18 @@ class BaseTextLMWorkload(EmbeddedWorkload):
     def train_stddev(self) -> tuple[float, ...]:
         return ()
 
+    @property
+    def transformer_shape(self) -> dict[str, int]:
+        """The sizes both twins' ``TransformerLM`` are built with, by argument name."""
+        return {
+            "vocab_size": self.vocab_size,
+            "context_length": self.context_length,
+            "model_dim": self.model_dim,
+            "num_heads": self.num_heads,
+            "num_layers": self.num_layers,
+            "mlp_dim": self.mlp_dim,
+        }
+
     def _train_batches(
         self, data_rng: spec.RandomState, global_batch_size: int
     ) -> Iterator[dict[str, np.ndarray]]:

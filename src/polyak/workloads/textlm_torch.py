@@ -113,11 +113,4 @@ class TextLMWorkload(TorchEmbeddedWorkload, BaseTextLMWorkload):
     """AlgoPerf Workload for ``textlm`` on PyTorch: logits ``[batch, context_length, vocab]``."""
 
     def _build_model(self) -> nn.Module:
-        return TransformerLM(
-            self.vocab_size,
-            self.context_length,
-            self.model_dim,
-            self.num_heads,
-            self.num_layers,
-            self.mlp_dim,
-        )
+        return TransformerLM(**self.transformer_shape)
