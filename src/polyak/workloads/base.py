@@ -49,9 +49,10 @@ _EMBEDDINGS = ("token_embedding", "position_embedding")
 def parameter_type(path: tuple[str, ...]) -> spec.ParameterType:
     """AlgoPerf's type for the parameter at ``path`` (module names, then the leaf).
 
-    Both twins name their modules alike: ``bn*`` is BatchNorm, ``ln*`` and
-    ``final_norm`` LayerNorm, ``qkv`` and ``attn_out`` attention, and
-    ``token_embedding`` / ``position_embedding`` are embedding tables.
+    Every model here, in either framework, names its modules by these rules:
+    ``bn*`` is BatchNorm, ``ln*`` and ``final_norm`` LayerNorm, ``qkv`` and
+    ``attn_out`` attention, ``token_embedding`` / ``position_embedding`` are
+    embedding tables.
     """
     module, leaf = (path[-2] if len(path) > 1 else ""), path[-1]
     scales = leaf in _SCALING_LEAVES

@@ -49,7 +49,7 @@ def batch_sharding() -> NamedSharding:
     return NamedSharding(_mesh(), P(BATCH_AXIS))
 
 
-def as_key(rng: spec.RandomState) -> jax.Array:
+def _as_key(rng: spec.RandomState) -> jax.Array:
     """``rng`` as a jax key (an int is a seed)."""
     if isinstance(rng, (int, np.integer)):
         return jax.random.PRNGKey(int(rng))
@@ -105,7 +105,7 @@ def _init_variables(model: nn.Module, rng: jax.Array, dummy: jax.Array) -> Any:
     return model.init({"params": rng}, dummy, train=False)
 
 
-def is_literal_zero(rate: Any) -> bool:
+def _is_literal_zero(rate: Any) -> bool:
     """Whether ``rate`` is a Python or numpy zero (a traced rate never is)."""
     return isinstance(rate, (int, float, np.number)) and float(rate) == 0.0
 
@@ -124,7 +124,7 @@ class JaxEmbeddedWorkload(EmbeddedWorkload):
         """Replicated ``(params, model_state)`` from a jax key (or an int seed)."""
         input_dtype = jnp.int32 if self._token_inputs else jnp.float32
         dummy = jnp.zeros((1, self.num_features), input_dtype)
-        variables = dict(_init_variables(self._model, as_key(rng), dummy))
+        variables = dict(_init_variables(self._model, _as_key(rng), dummy))
         params = variables.pop("params")
         model_state = {"batch_stats": variables["batch_stats"]} if self.use_batch_norm else None
         self._param_shapes = jax.tree.map(lambda x: spec.ShapeTuple(tuple(x.shape)), params)
@@ -151,14 +151,14 @@ class JaxEmbeddedWorkload(EmbeddedWorkload):
         update_batch_norm: bool,
         dropout_rate: float,
     ) -> tuple[spec.Tensor, spec.ModelAuxiliaryState]:
-        use_dropout = train and not is_literal_zero(dropout_rate)
+        use_dropout = train and not _is_literal_zero(dropout_rate)
         if use_dropout and rng is None:
             raise ValueError("model_fn needs an rng for dropout_rate != 0 in TRAIN mode")
         variables = {"params": params, **(model_state or {})}
         call_args = {
             "train": train,
             "dropout_rate": dropout_rate,
-            "dropout_rng": as_key(rng) if use_dropout else None,
+            "dropout_rng": _as_key(rng) if use_dropout else None,
         }
         if train and self.use_batch_norm:
             logits, updates = self._model.apply(

@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import operator
 import platform
 from collections.abc import Iterator
 from typing import Any
@@ -258,21 +259,11 @@ class BaseTextLMWorkload(EmbeddedWorkload):
         """Distinct non-overlapping windows in the training stream."""
         return int(self._data.train_stream.size // (self.context_length + 1))
 
-    @property
-    def num_eval_train_examples(self) -> int:
-        return self.num_eval_windows
-
-    @property
-    def num_validation_examples(self) -> int:
-        return self.num_eval_windows
-
-    @property
-    def num_test_examples(self) -> int:
-        return self.num_eval_windows
-
-    @property
-    def num_features(self) -> int:
-        return self.context_length
+    # Every eval split is num_eval_windows fixed windows; an input is a context of tokens.
+    num_eval_train_examples = num_validation_examples = num_test_examples = property(
+        operator.attrgetter("num_eval_windows")
+    )
+    num_features = property(operator.attrgetter("context_length"))
 
     @property
     def train_mean(self) -> tuple[float, ...]:
