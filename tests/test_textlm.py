@@ -15,6 +15,7 @@ import pytest
 
 from polyak.algoperf import spec
 from polyak.workloads import textlm
+from polyak.workloads.calibration import load_calibration
 from polyak.workloads.data import DatasetMismatchError
 from polyak.workloads.loop import LoopConfig, run_training
 from polyak.workloads.registry import make_workload
@@ -253,6 +254,46 @@ def test_a_few_nadamw_steps_through_the_loop_lower_the_loss(framework):
     assert result.evals[-1].metrics["validation/num_examples"] == 128
     assert result.dataset == make_workload("textlm", framework).dataset_fingerprint
     assert result.direction == "min" and result.target_metric_name == "loss"
+
+
+def test_twins_share_names_in_the_same_order_and_keep_only_the_model():
+    from polyak.workloads import textlm_jax, textlm_torch
+
+    def own(module: Any) -> list[str]:
+        defined_here = (n for n, v in vars(module).items() if callable(v))
+        return [n for n in defined_here if vars(module)[n].__module__ == module.__name__]
+
+    assert own(textlm_torch) == own(textlm_jax) == ["Block", "TransformerLM", "TextLMWorkload"]
+    for workload in (textlm_torch.TextLMWorkload, textlm_jax.TextLMWorkload):
+        methods = [n for n, v in vars(workload).items() if callable(v) and not n.startswith("__")]
+        assert methods == ["_build_model"], workload
+
+
+def test_pytorch_run_reproduces_the_calibration_curve():
+    """Seed 0 of the calibration, re-run to its second eval, gives the recorded losses."""
+    record = load_calibration("textlm").record
+    curve = next(c for c in record["attempts"][0]["curves"] if c["seed"] == 0)
+    assert record["chosen"]["step_hint"] == record["attempts"][0]["step_hint"]
+    workload = make_workload("textlm", "pytorch")
+    submission = _submission("pytorch")
+    submission.get_batch_size = lambda name: workload.recommended_batch_size
+    result = run_training(
+        workload,
+        submission,
+        record["hyperparameters"],
+        framework="pytorch",
+        config=LoopConfig(
+            max_steps=curve["steps"][1], rng_seed=0, stop_at_target=False, checkpoint=False
+        ),
+    )
+    assert [e.global_step for e in result.evals] == curve["steps"][:2]
+    for index, recorded in enumerate(result.evals):
+        # Bit-identical on the calibration machine; the margin absorbs another
+        # CPU's float32 rounding, far below any change of the model or loss.
+        assert recorded.metrics["validation/loss"] == pytest.approx(
+            curve["validation"][index], rel=1e-6, abs=0
+        )
+        assert recorded.metrics["test/loss"] == pytest.approx(curve["test"][index], rel=1e-6, abs=0)
 
 
 def test_twins_import_only_their_framework():

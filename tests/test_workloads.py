@@ -215,8 +215,18 @@ def test_twins_share_names_in_the_same_order():
     assert shared == [name for name in jax_names if name in torch_names]
     # Every framework hook of the base is implemented by both twins.
     hooks = {"_forward", "_softmax_cross_entropy", "_squared_error", "_argmax", "_cast"}
-    hooks |= {"_scalar_like", "_eval_batch_sums", "_to_framework_batch"}
+    hooks |= {"_scalar_like", "_eval_batch_sums", "_to_framework_batch", "_build_model"}
     assert hooks <= set(shared)
+
+
+def test_workload_bases_are_settings_tables():
+    """digits, diabetes and textlm state facts as class settings, not code."""
+    from polyak.workloads.diabetes import BaseDiabetesWorkload
+    from polyak.workloads.digits import BaseDigitsWorkload
+
+    for base in (BaseDigitsWorkload, BaseDiabetesWorkload):
+        assert not [name for name, value in vars(base).items() if callable(value)], base
+        assert "_loss_type" in vars(base) and "loss_type" not in vars(base)
 
 
 # ---- the Workload interface ----------------------------------------------------------

@@ -9,10 +9,12 @@ operations each twin supplies) and the evaluation loop over the
 ``eval_train`` / ``validation`` / ``test`` splits.
 
 A concrete workload is three layers, each written once:
-``digits.BaseDigitsWorkload`` (data, model shape, targets, budgets), then
-``common_torch.TorchEmbeddedWorkload`` or ``common_jax.JaxEmbeddedWorkload``
-(model, array operations, batches for one framework), joined in
-``digits_torch.py`` etc.
+``digits.BaseDigitsWorkload`` (data, model shape, targets, budgets: a table
+of class settings), then ``common_torch.TorchEmbeddedWorkload`` or
+``common_jax.JaxEmbeddedWorkload`` (model, array operations, batches for one
+framework), joined in ``digits_torch.py`` etc. ``textlm`` brings its own
+data (``_data``, ``_train_batches``) and, per twin, its own model
+(``_build_model``); everything else it shares.
 """
 
 from __future__ import annotations
@@ -39,15 +41,31 @@ from polyak.workloads.input_queue import InputQueue
 EVAL_SPLITS = ("eval_train", "validation", "test")
 
 # Parameter leaves that scale rather than shift: torch names both kinds
-# "weight"; flax names them "kernel" (Dense) and "scale" (BatchNorm).
+# "weight"; flax names them "kernel" (Dense) and "scale" (BatchNorm, LayerNorm).
 _SCALING_LEAVES = ("weight", "kernel", "scale")
+_EMBEDDINGS = ("token_embedding", "position_embedding")
 
 
-def parameter_type(module_name: str, leaf_name: str) -> spec.ParameterType:
-    """AlgoPerf's type for one of our parameters (``bn*`` modules are BatchNorm)."""
-    scales = leaf_name in _SCALING_LEAVES
-    if module_name.startswith("bn"):
+def parameter_type(path: tuple[str, ...]) -> spec.ParameterType:
+    """AlgoPerf's type for the parameter at ``path`` (module names, then the leaf).
+
+    Every model here, in either framework, names its modules by these rules:
+    ``bn*`` is BatchNorm, ``ln*`` and ``final_norm`` LayerNorm, ``qkv`` and
+    ``attn_out`` attention, ``token_embedding`` / ``position_embedding`` are
+    embedding tables.
+    """
+    module, leaf = (path[-2] if len(path) > 1 else ""), path[-1]
+    scales = leaf in _SCALING_LEAVES
+    if module in _EMBEDDINGS or leaf in _EMBEDDINGS:
+        return spec.ParameterType.EMBEDDING
+    if module.startswith("bn"):
         return spec.ParameterType.BATCH_NORM_SCALE if scales else spec.ParameterType.BATCH_NORM_BIAS
+    if module.startswith("ln") or module == "final_norm":
+        return spec.ParameterType.LAYER_NORM_SCALE if scales else spec.ParameterType.LAYER_NORM_BIAS
+    if module == "qkv":
+        return spec.ParameterType.ATTENTION_QKV if scales else spec.ParameterType.ATTENTION_BIAS
+    if module == "attn_out" and scales:
+        return spec.ParameterType.ATTENTION_OUT
     return spec.ParameterType.WEIGHT if scales else spec.ParameterType.BIAS
 
 
@@ -63,7 +81,7 @@ class EmbeddedWorkload(spec.Workload):
     and the framework hooks (the twin per framework).
     """
 
-    # Set by the per-workload base (digits.py, diabetes.py).
+    # Set by the per-workload base (digits.py, diabetes.py, textlm.py).
     workload_name: str = ""
     dataset_name: str = ""
     hidden_widths: tuple[int, ...] = ()
@@ -80,6 +98,12 @@ class EmbeddedWorkload(spec.Workload):
     _eval_period_time_sec: int = 0
     _eval_batch_size: int = 0
     _recommended_batch_size: int = 0
+    #: Inputs are token ids (integers) rather than real-valued features.
+    _token_inputs: bool = False
+    #: The model predicts every position of its input (logits ``[batch,
+    #: positions, classes]``): an example's loss is the mean over its
+    #: positions, and the loss is the only metric.
+    _predicts_every_position: bool = False
 
     # Set by the framework twin.
     framework: str = ""
@@ -200,12 +224,18 @@ class EmbeddedWorkload(spec.Workload):
         """
         del data_dir, cache
         if split == "train":
-            numpy_batches: Any = TrainBatches(self._data.train, global_batch_size, data_rng)
+            numpy_batches: Any = self._train_batches(data_rng, global_batch_size)
         else:
             num_examples = self._num_examples_for(split)
             one_pass = eval_batches(self._data.split(split), num_examples, global_batch_size)
             numpy_batches = _cycle(one_pass, repeat=repeat_final_dataset is not False)
         return InputQueue(numpy_batches, self._to_framework_batch, num_batches)
+
+    def _train_batches(
+        self, data_rng: spec.RandomState, global_batch_size: int
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Endless numpy training batches: the training split, reshuffled every epoch."""
+        return TrainBatches(self._data.train, global_batch_size, data_rng)
 
     def _num_examples_for(self, split: str) -> int:
         sizes = {
@@ -263,12 +293,16 @@ class EmbeddedWorkload(spec.Workload):
         """Per-example losses, their (masked) sum and the number of valid examples.
 
         Softmax cross-entropy smooths labels as ``(1-α)·onehot + α/K``; mean
-        squared error sums over outputs and ignores ``label_smoothing``.
+        squared error sums over outputs and ignores ``label_smoothing``. A
+        model that predicts every position scores an example by the mean over
+        its positions.
         """
         if self.loss_type == spec.LossType.SOFTMAX_CROSS_ENTROPY:
             per_example = self._softmax_cross_entropy(label_batch, logits_batch, label_smoothing)
         else:
             per_example = self._squared_error(label_batch, logits_batch)
+        if self._predicts_every_position:
+            per_example = per_example.mean(1)
         if mask_batch is None:
             n_valid = self._scalar_like(per_example.shape[0], per_example)
         else:
@@ -285,6 +319,8 @@ class EmbeddedWorkload(spec.Workload):
         self, logits: spec.Tensor, targets: spec.Tensor, weights: spec.Tensor
     ) -> dict[str, spec.Tensor]:
         summed_loss = self.loss_fn(targets, logits, weights)["summed"]
+        if self._predicts_every_position:
+            return {"loss": summed_loss}
         if self.loss_type == spec.LossType.SOFTMAX_CROSS_ENTROPY:
             correct = self._cast(self._argmax(logits) == targets, weights.dtype)
             return {"accuracy": (correct * weights).sum(), "loss": summed_loss}
@@ -305,7 +341,8 @@ class EmbeddedWorkload(spec.Workload):
     def _softmax_cross_entropy(
         self, labels: spec.Tensor, logits: spec.Tensor, label_smoothing: float
     ) -> spec.Tensor:
-        """Per-example cross-entropy against integer labels smoothed by ``label_smoothing``."""
+        """Cross-entropy of each prediction (per example, or per position of a
+        sequence) against integer labels smoothed by ``label_smoothing``."""
 
     @abc.abstractmethod
     def _squared_error(self, labels: spec.Tensor, logits: spec.Tensor) -> spec.Tensor:

@@ -1,10 +1,11 @@
 """The JAX (flax linen) twin of the embedded workloads: model, loss, batches, evaluation.
 
-Everything here is shared by ``digits_jax`` and ``diabetes_jax``; those only
-join this class with their dataset base. What needs no framework (the
-``model_fn`` contract, the loss and metric formulas, the eval loop) is in
-``base``. The PyTorch twin is ``common_torch``, with the same names in the
-same order.
+Everything here is shared by ``digits_jax``, ``diabetes_jax`` and
+``textlm_jax``; the first two only join this class with their dataset base,
+``textlm_jax`` also brings its model (``_build_model``). What needs no
+framework (the ``model_fn`` contract, the loss and metric formulas, the eval
+loop) is in ``base``. The PyTorch twin is ``common_torch``, with the same
+names in the same order.
 
 - ``init_model_fn(rng)`` returns ``(params, model_state)`` replicated over all
   devices (``NamedSharding(Mesh(jax.devices(), ('batch',)), P())``).
@@ -49,12 +50,16 @@ def batch_sharding() -> NamedSharding:
 
 
 def _as_key(rng: spec.RandomState) -> jax.Array:
+    """``rng`` as a jax key (an int is a seed)."""
     if isinstance(rng, (int, np.integer)):
         return jax.random.PRNGKey(int(rng))
     return rng
 
 
-def _dropout(x: jax.Array, rate: Any, rng: jax.Array) -> jax.Array:
+def dropout(x: jax.Array, rate: Any, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout with masks from ``rng``; none without an ``rng``."""
+    if rng is None:
+        return x
     keep_probability = 1.0 - rate
     keep = jax.random.bernoulli(rng, keep_probability, x.shape)
     return jnp.where(keep, x / keep_probability, jnp.zeros_like(x))
@@ -89,18 +94,19 @@ class MLP(nn.Module):
                 )(x)
             x = nn.relu(x)
             if train and dropout_rng is not None:
-                x = _dropout(x, dropout_rate, jax.random.fold_in(dropout_rng, index))
+                x = dropout(x, dropout_rate, jax.random.fold_in(dropout_rng, index))
         return nn.Dense(self.num_outputs, kernel_init=kernel_init, name="output")(x)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _init_variables(model: MLP, rng: jax.Array, dummy: jax.Array) -> Any:
+def _init_variables(model: nn.Module, rng: jax.Array, dummy: jax.Array) -> Any:
     # One compiled program (cached across workload instances: equal modules
     # hash equal) instead of dozens of op-by-op compilations.
     return model.init({"params": rng}, dummy, train=False)
 
 
 def _is_literal_zero(rate: Any) -> bool:
+    """Whether ``rate`` is a Python or numpy zero (a traced rate never is)."""
     return isinstance(rate, (int, float, np.number)) and float(rate) == 0.0
 
 
@@ -109,24 +115,28 @@ class JaxEmbeddedWorkload(EmbeddedWorkload):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._model = MLP(self.hidden_widths, self.num_outputs, self.use_batch_norm)
+        self._model = self._build_model()
         self._jitted_eval_sums: Any = None
 
     # ---- model ----------------------------------------------------------------
 
     def init_model_fn(self, rng: spec.RandomState) -> spec.ModelInitState:
         """Replicated ``(params, model_state)`` from a jax key (or an int seed)."""
-        dummy = jnp.zeros((1, self.num_features), jnp.float32)
+        input_dtype = jnp.int32 if self._token_inputs else jnp.float32
+        dummy = jnp.zeros((1, self.num_features), input_dtype)
         variables = dict(_init_variables(self._model, _as_key(rng), dummy))
         params = variables.pop("params")
         model_state = {"batch_stats": variables["batch_stats"]} if self.use_batch_norm else None
         self._param_shapes = jax.tree.map(lambda x: spec.ShapeTuple(tuple(x.shape)), params)
-        self._param_types = {
-            module: {leaf: parameter_type(module, leaf) for leaf in leaves}
-            for module, leaves in params.items()
-        }
+        self._param_types = jax.tree_util.tree_map_with_path(
+            lambda path, _: parameter_type(tuple(str(key.key) for key in path)), params
+        )
         replicated = replicated_sharding()
         return jax.device_put(params, replicated), jax.device_put(model_state, replicated)
+
+    def _build_model(self) -> nn.Module:
+        """The flax module, called as ``(inputs, train, dropout_rate, dropout_rng)``."""
+        return MLP(self.hidden_widths, self.num_outputs, self.use_batch_norm)
 
     def is_output_params(self, param_key: spec.ParameterKey) -> bool:
         return param_key == "output"

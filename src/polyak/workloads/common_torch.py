@@ -1,12 +1,14 @@
 """The PyTorch twin of the embedded workloads: model, loss, batches, evaluation.
 
-Everything here is shared by ``digits_torch`` and ``diabetes_torch``; those
-only join this class with their dataset base. What needs no framework (the
-``model_fn`` contract, the loss and metric formulas, the eval loop) is in
-``base``. The jax twin is ``common_jax``, with the same names in the same
-order.
+Everything here is shared by ``digits_torch``, ``diabetes_torch`` and
+``textlm_torch``; the first two only join this class with their dataset base,
+``textlm_torch`` also brings its model (``_build_model``). What needs no
+framework (the ``model_fn`` contract, the loss and metric formulas, the eval
+loop) is in ``base``. The jax twin is ``common_jax``, with the same names in
+the same order.
 
-- ``init_model_fn(rng)`` builds a fresh MLP and initializes it from a
+- ``init_model_fn(rng)`` builds a fresh model (an MLP unless
+  ``_build_model`` says otherwise) and initializes it from a
   ``torch.Generator`` seeded by :func:`polyak.workloads.prng.torch_seed`, so it
   accepts a Python int, an AlgoPerf numpy key or a jax key and never touches
   the global torch RNG. Weights are uniform in ±1/√fan_in (torch's default
@@ -49,7 +51,7 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _dropout(
+def dropout(
     x: torch.Tensor, rate: float, training: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     if not training or rate == 0.0:
@@ -106,14 +108,8 @@ class MLP(nn.Module):
             if self._use_batch_norm:
                 x = getattr(self, f"bn{index}")(x)
             x = F.relu(x)
-            x = _dropout(x, dropout_rate, self.training, generator)
+            x = dropout(x, dropout_rate, self.training, generator)
         return self.output(x)
-
-
-def _module_and_leaf(parameter_name: str) -> tuple[str, str]:
-    """``("bn1", "weight")`` for ``"bn1.weight"`` (the innermost module's own name)."""
-    module_path, _, leaf = parameter_name.rpartition(".")
-    return module_path.rpartition(".")[2], leaf
 
 
 @contextlib.contextmanager
@@ -145,17 +141,15 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
     def init_model_fn(self, rng: spec.RandomState) -> spec.ModelInitState:
         """A fresh model initialized from ``rng`` (int, numpy key or jax key)."""
         generator = torch.Generator().manual_seed(prng.torch_seed(rng))
-        # nn.Linear draws a default init from the global RNG; keep that draw private.
+        # Module construction draws a default init from the global RNG; keep that draw private.
         with torch.random.fork_rng(devices=[]):
-            model = MLP(
-                self.num_features, self.hidden_widths, self.num_outputs, self.use_batch_norm
-            )
+            model = self._build_model()
         model.reset_parameters(generator)
         self._param_shapes = {
             name: spec.ShapeTuple(tuple(p.shape)) for name, p in model.named_parameters()
         }
         self._param_types = {
-            name: parameter_type(*_module_and_leaf(name)) for name in self._param_shapes
+            name: parameter_type(tuple(name.split("."))) for name in self._param_shapes
         }
         model.to(self._device)
         if is_distributed():
@@ -163,6 +157,10 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
             model = DistributedDataParallel(model, device_ids=device_ids)
         self._model = model
         return model, None
+
+    def _build_model(self) -> nn.Module:
+        """The untrained module; ``init_model_fn`` initializes it by ``reset_parameters``."""
+        return MLP(self.num_features, self.hidden_widths, self.num_outputs, self.use_batch_norm)
 
     def is_output_params(self, param_key: spec.ParameterKey) -> bool:
         return param_key in ("output.weight", "output.bias")
@@ -202,9 +200,14 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
     def _softmax_cross_entropy(
         self, labels: torch.Tensor, logits: torch.Tensor, label_smoothing: float
     ) -> torch.Tensor:
-        return F.cross_entropy(
-            logits, labels.long(), reduction="none", label_smoothing=float(label_smoothing)
+        # F.cross_entropy wants classes on dim 1; flattening also serves sequences.
+        per_prediction = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1).long(),
+            reduction="none",
+            label_smoothing=float(label_smoothing),
         )
+        return per_prediction.reshape(labels.shape)
 
     def _squared_error(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         targets = labels.reshape(logits.shape).to(logits.dtype)
@@ -241,11 +244,12 @@ class TorchEmbeddedWorkload(EmbeddedWorkload):
             )
         per_rank = size // world
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        input_dtype = torch.long if self._token_inputs else torch.float32
         target_dtype = (
             torch.long if self.loss_type == spec.LossType.SOFTMAX_CROSS_ENTROPY else torch.float32
         )
         converted = {
-            "inputs": torch.tensor(batch["inputs"][rows], dtype=torch.float32),
+            "inputs": torch.tensor(batch["inputs"][rows], dtype=input_dtype),
             "targets": torch.tensor(batch["targets"][rows], dtype=target_dtype),
         }
         if "weights" in batch:

@@ -29,6 +29,7 @@ class BaseDiabetesWorkload(EmbeddedWorkload):
     hidden_widths = (16,)
     num_outputs = 1
     use_batch_norm = False
+    _loss_type = spec.LossType.MEAN_SQUARED_ERROR
     _target_metric = "mse"
     _higher_is_better = False
     _validation_target = CalibratedValue("validation_target")
@@ -39,7 +40,3 @@ class BaseDiabetesWorkload(EmbeddedWorkload):
     _eval_period_time_sec = 1
     _eval_batch_size = 128
     _recommended_batch_size = 32
-
-    @property
-    def loss_type(self) -> spec.LossType:
-        return spec.LossType.MEAN_SQUARED_ERROR

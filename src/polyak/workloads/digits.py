@@ -33,6 +33,7 @@ class BaseDigitsWorkload(EmbeddedWorkload):
     hidden_widths = (128, 128)
     num_outputs = 10
     use_batch_norm = True
+    _loss_type = spec.LossType.SOFTMAX_CROSS_ENTROPY
     _target_metric = "loss"
     _higher_is_better = False
     _validation_target = CalibratedValue("validation_target")
@@ -43,7 +44,3 @@ class BaseDigitsWorkload(EmbeddedWorkload):
     _eval_period_time_sec = 1
     _eval_batch_size = 256
     _recommended_batch_size = 64
-
-    @property
-    def loss_type(self) -> spec.LossType:
-        return spec.LossType.SOFTMAX_CROSS_ENTROPY

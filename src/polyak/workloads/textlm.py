@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import operator
 import platform
 from collections.abc import Iterator
 from typing import Any
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from polyak.algoperf import spec
-from polyak.workloads.base import EmbeddedWorkload, InputQueue
+from polyak.workloads.base import EmbeddedWorkload
 from polyak.workloads.calibration import CalibratedValue, load_calibration
 from polyak.workloads.data import DatasetFingerprint, DatasetMismatchError, Split
 from polyak.workloads.prng import rng_words
@@ -218,6 +219,9 @@ class BaseTextLMWorkload(EmbeddedWorkload):
     num_layers = 3
     mlp_dim = 256
     num_eval_windows = 128
+    _loss_type = spec.LossType.SOFTMAX_CROSS_ENTROPY
+    _token_inputs = True
+    _predicts_every_position = True
     _target_metric = "loss"
     _higher_is_better = False
     _validation_target = CalibratedValue("validation_target")
@@ -232,10 +236,6 @@ class BaseTextLMWorkload(EmbeddedWorkload):
     #: Whether the corpus must match the calibration record's fingerprint;
     #: the calibration script turns it off on the text it calibrates.
     _verify_corpus = True
-
-    @property
-    def loss_type(self) -> spec.LossType:
-        return spec.LossType.SOFTMAX_CROSS_ENTROPY
 
     @property
     def _data(self) -> TextCorpus:  # type: ignore[override]
@@ -259,21 +259,11 @@ class BaseTextLMWorkload(EmbeddedWorkload):
         """Distinct non-overlapping windows in the training stream."""
         return int(self._data.train_stream.size // (self.context_length + 1))
 
-    @property
-    def num_eval_train_examples(self) -> int:
-        return self.num_eval_windows
-
-    @property
-    def num_validation_examples(self) -> int:
-        return self.num_eval_windows
-
-    @property
-    def num_test_examples(self) -> int:
-        return self.num_eval_windows
-
-    @property
-    def num_features(self) -> int:
-        return self.context_length
+    # Every eval split is num_eval_windows fixed windows; an input is a context of tokens.
+    num_eval_train_examples = num_validation_examples = num_test_examples = property(
+        operator.attrgetter("num_eval_windows")
+    )
+    num_features = property(operator.attrgetter("context_length"))
 
     @property
     def train_mean(self) -> tuple[float, ...]:
@@ -283,31 +273,25 @@ class BaseTextLMWorkload(EmbeddedWorkload):
     def train_stddev(self) -> tuple[float, ...]:
         return ()
 
-    def _build_input_queue(
-        self,
-        data_rng: spec.RandomState,
-        split: str,
-        data_dir: str | None,
-        global_batch_size: int,
-        cache: bool | None = None,
-        repeat_final_dataset: bool | None = None,
-        num_batches: int | None = None,
-    ) -> Iterator[dict[str, Any]]:
-        """Training windows are drawn afresh every step; eval splits as in the base class."""
-        if split != "train":
-            return super()._build_input_queue(
-                data_rng,
-                split,
-                data_dir,
-                global_batch_size,
-                cache=cache,
-                repeat_final_dataset=repeat_final_dataset,
-                num_batches=num_batches,
-            )
-        windows = RandomWindows(
+    @property
+    def transformer_shape(self) -> dict[str, int]:
+        """The sizes both twins' ``TransformerLM`` are built with, by argument name."""
+        return {
+            "vocab_size": self.vocab_size,
+            "context_length": self.context_length,
+            "model_dim": self.model_dim,
+            "num_heads": self.num_heads,
+            "num_layers": self.num_layers,
+            "mlp_dim": self.mlp_dim,
+        }
+
+    def _train_batches(
+        self, data_rng: spec.RandomState, global_batch_size: int
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Windows drawn afresh every step, not epochs over fixed examples."""
+        return RandomWindows(
             self._data.train_stream, self.context_length, global_batch_size, data_rng
         )
-        return InputQueue(windows, self._to_framework_batch, num_batches)
 
 
 def expected_parameter_count(workload: BaseTextLMWorkload) -> int:
