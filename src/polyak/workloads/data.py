@@ -165,16 +165,12 @@ class Split:
         return int(self.inputs.shape[0])
 
 
-@dataclasses.dataclass(frozen=True)
-class PreparedDataset:
+class ThreeSplits:
+    """AlgoPerf's split names over a data set's ``train``, ``validation`` and ``test``."""
+
     train: Split
     validation: Split
     test: Split
-    input_mean: np.ndarray
-    input_stddev: np.ndarray
-    target_mean: float
-    target_stddev: float
-    fingerprint: DatasetFingerprint
 
     def split(self, split: str) -> Split:
         if split in ("train", "eval_train"):
@@ -186,6 +182,18 @@ class PreparedDataset:
         raise ValueError(
             f"unknown split {split!r}; expected one of train, eval_train, validation, test"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDataset(ThreeSplits):
+    train: Split
+    validation: Split
+    test: Split
+    input_mean: np.ndarray
+    input_stddev: np.ndarray
+    target_mean: float
+    target_stddev: float
+    fingerprint: DatasetFingerprint
 
 
 def split_indices(n_examples: int, num_validation: int, num_test: int) -> dict[str, np.ndarray]:

@@ -50,7 +50,7 @@ import numpy as np
 from polyak.algoperf import spec
 from polyak.workloads.base import EmbeddedWorkload
 from polyak.workloads.calibration import CalibratedValue, load_calibration
-from polyak.workloads.data import DatasetFingerprint, DatasetMismatchError, Split
+from polyak.workloads.data import DatasetFingerprint, DatasetMismatchError, Split, ThreeSplits
 from polyak.workloads.prng import rng_words
 
 WORKLOAD_NAME = "textlm"
@@ -138,7 +138,7 @@ def as_example_split(windows: np.ndarray) -> Split:
 
 
 @dataclasses.dataclass(frozen=True)
-class TextCorpus:
+class TextCorpus(ThreeSplits):
     """The split corpus: streams for sampling, fixed windows for evaluation."""
 
     documents: dict[str, list[str]]
@@ -147,17 +147,6 @@ class TextCorpus:
     validation: Split
     test: Split
     fingerprint: DatasetFingerprint
-
-    def split(self, split: str) -> Split:
-        if split in ("train", "eval_train"):
-            return self.train
-        if split == "validation":
-            return self.validation
-        if split == "test":
-            return self.test
-        raise ValueError(
-            f"unknown split {split!r}; expected one of train, eval_train, validation, test"
-        )
 
 
 @functools.cache
