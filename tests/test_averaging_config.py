@@ -86,6 +86,7 @@ NON_DEFAULT_POINT = {
     "averaging_start_frac": 0.25,
     "averaging_buffers": "live",
     "averaging_placement": "host",
+    "averaging_select": "best",
     "twa_steps": 3,
     "twa_batches": 2,
     "twa_lr": 0.3,
