@@ -92,6 +92,7 @@ NON_DEFAULT_POINT = {
     "twa_lr": 0.3,
     "twa_layerwise": 2,
     "twa_recompute_bn": False,
+    "twa_budget": 0.5,
 }
 
 

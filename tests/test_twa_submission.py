@@ -283,3 +283,26 @@ def test_every_placement_gives_the_same_twa_weights() -> None:
     for placement in ("host", "sharded"):
         for key, value in evaluated["device"][12].items():
             assert torch.equal(evaluated[placement][12][key], value), (placement, key)
+
+
+def test_the_fit_budget_follows_the_eval_cadence() -> None:
+    hp = hparams(**TWA, twa_steps=30, twa_budget=0.5)
+    workload, model, state, _, _, _ = _train(hp, steps=13, evals=set())
+    averager = state["averager"]
+    state, model, _ = SUBMISSION.prepare_for_eval(
+        workload, model, None, None, hp, None, state, [], 13, None
+    )
+    # 13 steps since the start: 6 passes, 2 of them score the held-out batch.
+    assert len(averager.last_twa_result.step_losses) == 4
+    for step, batch in zip((14, 15), batches(1, 2)):
+        state, model, _ = SUBMISSION.update_params(
+            workload, model, None, None, hp, batch, None, state, [], step - 1, None
+        )
+    state, model, _ = SUBMISSION.prepare_for_eval(
+        workload, model, None, None, hp, None, state, [], 15, None
+    )
+    # Two steps since the last eval pay for no fit.
+    assert averager.last_twa_result.chosen == "uniform"
+    assert averager.last_twa_result.step_losses == ()
+    with pytest.raises(TWAError, match="twa_budget=0"):
+        _init(hparams(**TWA, twa_budget=0))

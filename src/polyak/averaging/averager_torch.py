@@ -103,6 +103,8 @@ class TorchAverager:
         )
         # Which weights the last eval got under averaging_select="best" (1: the average).
         self.last_selection: dict[str, float] = {}
+        # The newest step at the previous TWA eval: the fit's budget follows the cadence.
+        self._step_at_last_fit = 0
         self._buffer_stash: Tensors | None = None
         self.last_twa_result: twa_torch.TWAResult | None = None
         if not config.enabled or not self._live:
@@ -263,10 +265,9 @@ class TorchAverager:
             self._buffer_stash = [b.detach().clone() for b in buffers]
         batches, held_out = self.twa_batches()
         config = self.config.twa
-        if not held_out:
-            # Nothing could tell a fit that only follows the newest checkpoint
-            # from a better average; the uniform one costs no fit.
-            config = dataclasses.replace(config, steps=0)
+        newest_step = self._recent_batches[-1][0] if self._recent_batches else 0
+        steps = config.steps_within_budget(newest_step - self._step_at_last_fit, len(held_out))
+        self._step_at_last_fit = newest_step
         if not batches:
             # Nothing to fit on (never the case under AlgoPerf once a collection
             # was made): the uniform average with the live buffers.
@@ -274,6 +275,21 @@ class TorchAverager:
                 self._store.mean_into(self._live)  # type: ignore[union-attr]
             self.last_twa_result = None
             return
+        if not held_out or steps == 0:
+            # No batch could tell a fit that only follows the newest checkpoint
+            # from a better average (or the budget allows no fit): the uniform
+            # average, without building the subspace.
+            with torch.no_grad():
+                self._store.mean_into(self._live)  # type: ignore[union-attr]
+            self.last_twa_result = twa_torch.uniform_result(
+                self._module,
+                len(self._window_order()),
+                config,
+                context.forward_fn or context.loss_fn,
+                batches,
+            )
+            return
+        config = dataclasses.replace(config, steps=steps)
         slots = self._window_order()
         shapes = [t.shape for t in self._live]
         store = self._store

@@ -113,6 +113,11 @@ class TWAConfig:
       weight and bias).
     - ``recompute_batch_norm`` (``twa_recompute_bn``): recompute BatchNorm
       statistics for the result.
+    - ``budget`` (``twa_budget``): the fit's passes over a batch (its steps
+      plus the two validation passes per held-out batch) are at most this
+      fraction of the training steps since the previous eval, so its cost
+      follows the eval cadence: at 0.5 and an eval every 100 steps, at most
+      50 passes. ``None``: ``steps`` whatever the cadence.
     """
 
     steps: int = 50
@@ -120,6 +125,7 @@ class TWAConfig:
     lr: float = 0.1
     layerwise: bool | int = False
     recompute_batch_norm: bool = True
+    budget: float | None = None
 
     # Hyperparameter name → field.
     HYPERPARAMETERS: ClassVar[Mapping[str, str]] = MappingProxyType(
@@ -129,6 +135,7 @@ class TWAConfig:
             "twa_lr": "lr",
             "twa_layerwise": "layerwise",
             "twa_recompute_bn": "recompute_batch_norm",
+            "twa_budget": "budget",
         }
     )
 
@@ -158,6 +165,18 @@ class TWAConfig:
             )
         if not isinstance(self.recompute_batch_norm, bool):
             raise TWAError(f"twa_recompute_bn={self.recompute_batch_norm!r} must be a bool")
+        budget = self.budget
+        if budget is not None and (
+            isinstance(budget, bool)
+            or not isinstance(budget, (int, float))
+            or not (math.isfinite(budget) and budget > 0)
+        ):
+            raise TWAError(
+                f"twa_budget={budget!r} must be a finite number > 0 (fit passes per training "
+                "step since the previous eval) or None (no cap)"
+            )
+        if budget is not None:
+            object.__setattr__(self, "budget", float(budget))
         object.__setattr__(self, "steps", int(self.steps))
         object.__setattr__(self, "batches", int(self.batches))
         object.__setattr__(self, "lr", float(self.lr))
@@ -169,6 +188,14 @@ class TWAConfig:
     def from_hyperparameters(cls, hyperparameters: Any) -> TWAConfig:
         """Reads the ``twa_*`` names (missing or None: the field defaults)."""
         return cls(**_read(cls, hyperparameters))
+
+    def steps_within_budget(self, steps_since_eval: int, num_held_out: int) -> int:
+        """The fit steps allowed after ``steps_since_eval`` training steps, when
+        ``num_held_out`` batches are scored twice to judge the fit."""
+        if self.budget is None:
+            return self.steps
+        passes = math.floor(self.budget * steps_since_eval) - 2 * num_held_out
+        return max(0, min(self.steps, passes))
 
     @property
     def tensors_per_block(self) -> int:

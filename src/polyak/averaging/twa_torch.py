@@ -487,6 +487,34 @@ def fit_twa(
     )
 
 
+def uniform_result(
+    module: nn.Module,
+    num_checkpoints: int,
+    config: TWAConfig,
+    forward_fn: Callable[[nn.Module, Any], Any],
+    batches: Sequence[Any],
+) -> TWAResult:
+    """What :func:`fit_twa` returns without a fit, for a module that already
+    holds the uniform average: BatchNorm statistics recomputed if asked."""
+    recomputed = False
+    if config.recompute_batch_norm:
+        was_training = module.training
+        recomputed = recompute_batch_norm(module, [_bind(forward_fn, b) for b in batches])
+        module.train(was_training)
+    return TWAResult(
+        chosen="uniform",
+        uniform_loss=None,
+        fitted_loss=None,
+        step_losses=(),
+        coefficients=torch.zeros(max(0, num_checkpoints - 1), 1),
+        checkpoint_weights=torch.full(
+            (1, num_checkpoints), 1.0 / num_checkpoints, dtype=torch.float64
+        ),
+        num_directions=(),
+        batch_norm_recomputed=recomputed,
+    )
+
+
 def _bind(function: Callable[..., Any], batch: Any) -> Callable[[nn.Module], Any]:
     return lambda module: function(module, batch)
 
