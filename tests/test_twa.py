@@ -289,6 +289,18 @@ def test_validation_batches_decide_between_the_fit_and_uniform() -> None:
         # Both losses are measured on the validation batches.
         reference = sum(float(((u - v) ** 2).sum()) for u, v in zip(uniform, validation[0]))
         assert result.uniform_loss == pytest.approx(reference, rel=1e-4, abs=1e-6)
+    # A judge of its own: here one that prefers the uniform average.
+    model = TwoTensors()
+    result = fit_twa(
+        model,
+        snapshots,
+        config,
+        loss_fn,
+        [pulled],
+        validation_batches=[pulled],
+        validation_loss_fn=lambda module, _: loss_fn(module, uniform),
+    )
+    assert result.chosen == "uniform"
     with pytest.raises(TWAError, match="empty list of validation batches"):
         fit_twa(TwoTensors(), snapshots, config, loss_fn, [pulled], validation_batches=[])
 

@@ -254,18 +254,21 @@ def _twa_fit_context(
     """The training loss for TWA's fit (no dropout, BatchNorm frozen) and a
     forward pass that updates BatchNorm statistics for their recomputation."""
 
-    def loss_fn(module: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        loss, _ = _training_loss(
-            workload,
-            module,
-            model_state,
-            batch,
-            rng,
-            update_batch_norm=False,
-            dropout_rate=0.0,
-            label_smoothing=label_smoothing,
-        )
-        return loss
+    def loss_with(smoothing: float) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+        def loss_fn(module: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+            loss, _ = _training_loss(
+                workload,
+                module,
+                model_state,
+                batch,
+                rng,
+                update_batch_norm=False,
+                dropout_rate=0.0,
+                label_smoothing=smoothing,
+            )
+            return loss
+
+        return loss_fn
 
     def forward_fn(module: torch.nn.Module, batch: dict[str, Any]) -> Any:
         return workload.model_fn(
@@ -278,7 +281,13 @@ def _twa_fit_context(
             dropout_rate=0.0,
         )
 
-    return TWAFitContext(loss_fn=loss_fn, forward_fn=forward_fn)
+    # The fit is judged on its held-out batches by the loss the eval reports
+    # (no label smoothing), not by the one it descends.
+    return TWAFitContext(
+        loss_fn=loss_with(label_smoothing),
+        forward_fn=forward_fn,
+        validation_loss_fn=None if label_smoothing == 0.0 else loss_with(0.0),
+    )
 
 
 @torch.no_grad()

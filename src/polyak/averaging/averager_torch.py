@@ -83,6 +83,8 @@ class TWAFitContext:
 
     loss_fn: Callable[[nn.Module, Any], torch.Tensor]
     forward_fn: Callable[[nn.Module, Any], Any] | None = None
+    # Judges the fit on the held-out batches (None: ``loss_fn``).
+    validation_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
 
 
 class TorchAverager:
@@ -309,6 +311,7 @@ class TorchAverager:
                 batches,
                 forward_fn=context.forward_fn,
                 validation_batches=held_out or None,
+                validation_loss_fn=context.validation_loss_fn,
             )
 
     def _window_order(self) -> list[int]:

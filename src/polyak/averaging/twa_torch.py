@@ -363,6 +363,7 @@ def fit_twa(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     blocks: Sequence[Sequence[int]] | None = None,
     validation_batches: Sequence[Any] | None = None,
+    validation_loss_fn: LossFn | None = None,
 ) -> TWAResult:
     """Fits the averaging coefficients and loads the resulting weights into ``module``.
 
@@ -375,8 +376,9 @@ def fit_twa(
     ``snapshots`` are K lists of tensors in ``module.parameters()`` order, or
     a :class:`TWASubspace` built from them. Under DDP pass the wrapped module
     and call this on every rank. ``validation_batches`` (not trained on by
-    any checkpoint) decide between the fit and θ̄; BatchNorm statistics are
-    recomputed over the fit and the validation batches.
+    any checkpoint) decide between the fit and θ̄, by ``validation_loss_fn``
+    (default ``loss_fn``; the metric the eval reports is the better judge);
+    BatchNorm statistics are recomputed over the fit and the validation batches.
     """
     parameters = list(module.parameters())
     shapes = [p.shape for p in parameters]
@@ -396,10 +398,11 @@ def fit_twa(
     calls: list[Callable[[nn.Module], Any]] = (
         [loss_fn] if batches is None else [_bind(loss_fn, batch) for batch in batches]
     )
+    judge_fn = validation_loss_fn or loss_fn
     judges = (
         calls
         if validation_batches is None
-        else [_bind(loss_fn, batch) for batch in validation_batches]
+        else [_bind(judge_fn, batch) for batch in validation_batches]
     )
     layout = subspace.layout
     world = layout.world
