@@ -3,7 +3,8 @@
 Side by side in one process: every setting trains the same embedded workload
 from the same start, in interleaved rounds, and the script prints the median
 milliseconds per step and the ratio to no averaging. Collections are made
-frequent (ν = 8) so that the averaging cost shows if there is any.
+frequent (ν = 8) so that the averaging cost shows if there is any, and at
+ν = 64 for the common case.
 
   python scripts/bench_jax_averaging.py --workload=digits --steps=200 --rounds=5
 """
@@ -39,6 +40,8 @@ SETTINGS = {
     "none": {},
     "lawa device (nu=8, L=20)": {"averaging": "lawa", "averaging_every": 8, "lawa_window": 20},
     "ema device (nu=8, beta=0.9)": {"averaging": "ema", "averaging_every": 8, "ema_beta": 0.9},
+    "lawa device (nu=64, L=20)": {"averaging": "lawa", "averaging_every": 64, "lawa_window": 20},
+    "ema device (nu=64, beta=0.9)": {"averaging": "ema", "averaging_every": 64, "ema_beta": 0.9},
     "lawa host (nu=8, L=20)": {
         "averaging": "lawa",
         "averaging_every": 8,

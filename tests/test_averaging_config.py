@@ -86,11 +86,13 @@ NON_DEFAULT_POINT = {
     "averaging_start_frac": 0.25,
     "averaging_buffers": "live",
     "averaging_placement": "host",
+    "averaging_select": "best",
     "twa_steps": 3,
     "twa_batches": 2,
     "twa_lr": 0.3,
     "twa_layerwise": 2,
     "twa_recompute_bn": False,
+    "twa_budget": 0.5,
 }
 
 

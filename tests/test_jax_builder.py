@@ -9,7 +9,9 @@ import pytest
 from flax import serialization
 
 from fakes import JaxLinearWorkload, SGDConfig, batches, hparams, make_jax_sgd
+from polyak.algoperf import builder_jax
 from polyak.algoperf.builder_jax import build_submission
+from polyak.averaging import averager_jax
 from polyak.averaging.config import AveragingError
 from polyak.hyperparameters import (
     STRICT_ENV_VAR,
@@ -176,4 +178,81 @@ def test_a_learning_rate_that_is_not_finite_and_positive_is_refused(
     with pytest.raises(ValueError, match=f"learning_rate={learning_rate!r}"):
         submission.init_optimizer_state(
             workload, params, model_state, {"learning_rate": learning_rate}, None
+        )
+
+
+def _leaf_shapes(tree) -> set[tuple[int, ...]]:
+    return {tuple(x.shape) for x in jax.tree.leaves(tree)}
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_each_step_is_one_program_and_each_is_traced_once(
+    placement: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One jitted dispatch per step; a collection is folded into the step's program
+    (device) and steps that do not collect never take the window; the steps and
+    the swap are traced once however many evals come between them."""
+    traces: list[str] = []
+
+    def counted(name: str, function):
+        def traced(*args, **kwargs):
+            traces.append(name if name != "step" else f"step collect={kwargs['collect']}")
+            return function(*args, **kwargs)
+
+        return traced
+
+    monkeypatch.setattr(builder_jax, "_train_step", counted("step", builder_jax._train_step))
+    monkeypatch.setattr(
+        averager_jax, "_swap_in_average", counted("swap", averager_jax._swap_in_average)
+    )
+    submission = builder_jax.build_submission(make_jax_sgd, SGDConfig)
+    hp = hparams(averaging="lawa", averaging_every=3, lawa_window=4, averaging_placement=placement)
+    workload = JaxLinearWorkload()
+    params, model_state = workload.init_model_fn(0)
+    state = submission.init_optimizer_state(workload, params, model_state, hp, None)
+    programs = state[1]
+    # Replicated, as AlgoPerf hands them over (arrays of another sharding
+    # would make the first step's trace its own).
+    params, model_state = jax.device_put((params, model_state), programs.replicated)
+    calls: list[tuple[str, set[tuple[int, ...]]]] = []
+
+    def counting(name: str, program):
+        def call(model_state, pytree, params, batch, rng):
+            calls.append((name, _leaf_shapes(pytree)))
+            return program(model_state, pytree, params, batch, rng)
+
+        return call
+
+    plain, collecting = programs.train_step, programs.train_step_and_collect
+    programs.train_step = counting("plain", plain)
+    programs.train_step_and_collect = counting("collect", collecting)
+    rng = jax.random.PRNGKey(0)
+    data = batches(0, 12)
+    for i, batch in enumerate(data):
+        state, params, model_state = submission.update_params(
+            workload, params, None, model_state, hp, batch, None, state, [], i, rng
+        )
+        if (i + 1) % 4 == 0:
+            state, params, model_state = submission.prepare_for_eval(
+                workload, params, None, model_state, hp, None, state, [], i + 1, rng
+            )
+    window_shape = (4, *params["kernel"].shape)
+    on_device = placement == "device"
+    expected = ["collect" if (i + 1) % 3 == 0 and on_device else "plain" for i in range(12)]
+    assert [name for name, _ in calls] == expected
+    for name, shapes in calls:
+        assert (window_shape in shapes) == (name == "collect"), name
+    expected_traces = {"step collect=False": 1, "swap": 1}
+    if on_device:
+        expected_traces["step collect=True"] = 1
+    assert {name: traces.count(name) for name in set(traces)} == expected_traces
+    if on_device:
+        # The collecting step's program writes the window in place; the other
+        # has nothing of the averaging in it.
+        hlo = collecting.lower(model_state, state[0], params, data[0], rng).as_text()
+        assert "dynamic_update_slice" in hlo
+        rest = programs.averager.split_off(state[0], 1)[1]
+        assert (
+            "dynamic_update_slice"
+            not in plain.lower(model_state, rest, params, data[0], rng).as_text()
         )

@@ -272,6 +272,39 @@ def test_never_worse_than_uniform_lawa_on_its_batches(
         assert result.fitted_loss == pytest.approx(fitted_loss, rel=1e-5)
 
 
+def test_validation_batches_decide_between_the_fit_and_uniform() -> None:
+    """The fit follows its batches; batches it never saw decide whether it is kept."""
+    snapshots = _random_snapshots([(6, 5), (7,)], 4, seed=5)
+    uniform = _combination(snapshots, [0.25] * 4)
+    pulled = _combination(snapshots, [0.1, 0.1, 0.1, 0.7])  # towards the newest
+
+    def loss_fn(module: nn.Module, target: list[torch.Tensor]) -> torch.Tensor:
+        return sum(((p - t) ** 2).sum() for p, t in zip(module.parameters(), target))
+
+    config = TWAConfig(steps=200, lr=0.1)
+    for validation, expected in (([uniform], "uniform"), ([pulled], "twa")):
+        model = TwoTensors()
+        result = fit_twa(model, snapshots, config, loss_fn, [pulled], validation_batches=validation)
+        assert result.chosen == expected
+        # Both losses are measured on the validation batches.
+        reference = sum(float(((u - v) ** 2).sum()) for u, v in zip(uniform, validation[0]))
+        assert result.uniform_loss == pytest.approx(reference, rel=1e-4, abs=1e-6)
+    # A judge of its own: here one that prefers the uniform average.
+    model = TwoTensors()
+    result = fit_twa(
+        model,
+        snapshots,
+        config,
+        loss_fn,
+        [pulled],
+        validation_batches=[pulled],
+        validation_loss_fn=lambda module, _: loss_fn(module, uniform),
+    )
+    assert result.chosen == "uniform"
+    with pytest.raises(TWAError, match="empty list of validation batches"):
+        fit_twa(TwoTensors(), snapshots, config, loss_fn, [pulled], validation_batches=[])
+
+
 def test_a_diverging_fit_falls_back_to_uniform() -> None:
     model = _mlp(batch_norm=False)
     batches = _classification_batches(2, seed=8)

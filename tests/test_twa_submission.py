@@ -106,28 +106,47 @@ def _mean_loss(workload, model, kept) -> float:
     return total / len(kept)
 
 
-def test_twa_is_at_least_as_good_as_lawa_on_the_kept_batches() -> None:
+def test_twa_is_at_least_as_good_as_lawa_on_the_held_out_batches() -> None:
     hp = hparams(**TWA, twa_steps=30, twa_lr=0.3)
-    workload, model, state, live, _, data = _train(hp, steps=14, evals=set())
-    kept = data[-3:]
-    assert [id(b) for b in state["averager"].recent_batches] == [id(b) for b in kept]
+    workload, model, state, live, _, data = _train(hp, steps=13, evals=set())
+    averager = state["averager"]
+    fit, held_out = averager.twa_batches()
+    # Collections at even steps: step 13's batch is in no checkpoint, so it
+    # judges the fit, which runs on the last three batches the window has seen.
+    assert [id(b) for b in fit] == [id(b) for b in data[9:12]]
+    assert [id(b) for b in held_out] == [id(data[12])]
     state, model, _ = SUBMISSION.prepare_for_eval(
-        workload, model, None, None, hp, None, state, [], 14, None
+        workload, model, None, None, hp, None, state, [], 13, None
     )
-    twa_loss = _mean_loss(workload, model, kept)
-    # Uniform LAWA over the same window (steps 8, 10, 12, 14), computed here.
+    twa_loss = _mean_loss(workload, model, held_out)
+    # Uniform LAWA over the same window (steps 6, 8, 10, 12), computed here.
     lawa = copy.deepcopy(model)
     with torch.no_grad():
         for name, parameter in lawa.named_parameters():
-            snaps = [live[s - 1][name].double() for s in (8, 10, 12, 14)]
+            snaps = [live[s - 1][name].double() for s in (6, 8, 10, 12)]
             parameter.copy_(torch.stack(snaps).mean(0).float())
-    lawa_loss = _mean_loss(workload, lawa, kept)
+    lawa_loss = _mean_loss(workload, lawa, held_out)
     assert twa_loss <= lawa_loss * (1 + 1e-6)
-    result = state["averager"].last_twa_result
+    result = averager.last_twa_result
     assert result is not None and result.checkpoint_weights.shape == (1, 4)
+    assert result.uniform_loss == pytest.approx(lawa_loss, rel=1e-5)
     # Training resumes from the live weights, not from the fit.
-    state["averager"].restore_live()
+    averager.restore_live()
     assert all(torch.equal(p, live[-1][n]) for n, p in model.named_parameters())
+
+
+def test_right_after_a_collection_twa_evaluates_the_uniform_average_without_a_fit() -> None:
+    hp = hparams(**TWA, twa_steps=30, twa_lr=0.3)
+    workload, model, state, live, _, _ = _train(hp, steps=14, evals=set())
+    assert state["averager"].twa_batches()[1] == []
+    state, model, _ = SUBMISSION.prepare_for_eval(
+        workload, model, None, None, hp, None, state, [], 14, None
+    )
+    result = state["averager"].last_twa_result
+    assert result is not None and result.chosen == "uniform" and result.uniform_loss is None
+    for name, parameter in model.named_parameters():
+        snaps = [live[s - 1][name].double() for s in (8, 10, 12, 14)]
+        torch.testing.assert_close(parameter, torch.stack(snaps).mean(0).float())
 
 
 def test_checkpoint_after_a_twa_eval_resumes_identically() -> None:
@@ -268,3 +287,26 @@ def test_every_placement_gives_the_same_twa_weights() -> None:
     for placement in ("host", "sharded"):
         for key, value in evaluated["device"][12].items():
             assert torch.equal(evaluated[placement][12][key], value), (placement, key)
+
+
+def test_the_fit_budget_follows_the_eval_cadence() -> None:
+    hp = hparams(**TWA, twa_steps=30, twa_budget=0.5)
+    workload, model, state, _, _, _ = _train(hp, steps=13, evals=set())
+    averager = state["averager"]
+    state, model, _ = SUBMISSION.prepare_for_eval(
+        workload, model, None, None, hp, None, state, [], 13, None
+    )
+    # 13 steps since the start: 6 passes, 2 of them score the held-out batch.
+    assert len(averager.last_twa_result.step_losses) == 4
+    for step, batch in zip((14, 15), batches(1, 2)):
+        state, model, _ = SUBMISSION.update_params(
+            workload, model, None, None, hp, batch, None, state, [], step - 1, None
+        )
+    state, model, _ = SUBMISSION.prepare_for_eval(
+        workload, model, None, None, hp, None, state, [], 15, None
+    )
+    # Two steps since the last eval pay for no fit.
+    assert averager.last_twa_result.chosen == "uniform"
+    assert averager.last_twa_result.step_losses == ()
+    with pytest.raises(TWAError, match="twa_budget=0"):
+        _init(hparams(**TWA, twa_budget=0))

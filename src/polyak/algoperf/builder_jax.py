@@ -19,7 +19,10 @@ module only jits the train step, into which the averager folds a collection.
 
 from __future__ import annotations
 
+import collections
 import functools
+import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -72,9 +75,51 @@ class TrainPrograms:
         )
         self.train_step = jit_step(functools.partial(step, collect=False))
         self.train_step_and_collect = jit_step(functools.partial(step, collect=True))
+        # averaging_select="best": the recent training batches (references: the
+        # train step does not donate its batch) and the eval's loss on one.
+        self.recent_batches: collections.deque[dict[str, jax.Array]] = collections.deque(
+            maxlen=config.averaging.twa.batches if config.averaging.selects_best else 0
+        )
+        self.eval_loss = jax.jit(functools.partial(_eval_loss, workload))
+
+    def score(self, params: PyTree, model_state: PyTree, rng: jax.Array) -> float:
+        """The eval's mean loss over the recent batches (``inf`` if none or not finite)."""
+        if not self.recent_batches:
+            return math.inf
+        totals = [self.eval_loss(params, model_state, b, rng) for b in self.recent_batches]
+        summed = sum(float(t[0]) for t in totals)
+        count = sum(float(t[1]) for t in totals)
+        value = summed / count if count > 0 else math.inf
+        return value if math.isfinite(value) else math.inf
 
     def __call__(self, updates: PyTree, state: PyTree, params: PyTree | None = None) -> Any:
         return self.tx.update(updates, state, params)
+
+
+def _eval_loss(
+    workload: spec.Workload,
+    params: PyTree,
+    model_state: PyTree,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """(summed loss, examples) as the eval computes them: eval mode, no smoothing."""
+    logits, _ = workload.model_fn(
+        params,
+        batch,
+        model_state,
+        spec.ForwardPassMode.EVAL,
+        rng,
+        update_batch_norm=False,
+        dropout_rate=0.0,
+    )
+    loss_dict = workload.loss_fn(
+        label_batch=batch["targets"],
+        logits_batch=logits,
+        mask_batch=batch.get("weights"),
+        label_smoothing=0.0,
+    )
+    return loss_dict["summed"], loss_dict["n_valid_examples"]
 
 
 def _train_step(
@@ -182,11 +227,13 @@ def build_submission(
             if averager.collects_in_step(step)
             else programs.train_step
         )
-        held, state = averager.split_off(state)
+        held, state = averager.split_off(state, step)
         state, params, model_state, loss, grad_norm = train_step(
             model_state, state, params, batch, rng
         )
         state = averager.collect(held, state, params, model_state, step)
+        if programs.recent_batches.maxlen:
+            programs.recent_batches.append(batch)
         if should_log(global_step):
             _log_training_metrics(workload, loss, grad_norm, averager, state, global_step)
         return (state, programs), params, model_state
@@ -204,11 +251,32 @@ def build_submission(
         rng: Any,
     ) -> tuple[tuple[dict[str, Any], TrainPrograms], PyTree, PyTree]:
         del workload, current_params_types, hyperparameters, loss_type
-        del eval_results, global_step, rng
+        del eval_results, global_step
         state, programs = optimizer_state
-        state, params, model_state = programs.averager.swap_in_average(
+        averager = programs.averager
+        if not programs.config.averaging.selects_best:
+            state, params, model_state = averager.swap_in_average(
+                state, current_param_container, model_state
+            )
+            return (state, programs), params, model_state
+        start = time.perf_counter()
+        live_loss = programs.score(current_param_container, model_state, rng)
+        swap_start = time.perf_counter()
+        state, params, model_state = averager.swap_in_average(
             state, current_param_container, model_state
         )
+        swap_seconds = time.perf_counter() - swap_start
+        average_loss = programs.score(params, model_state, rng)
+        uses_average = average_loss <= live_loss
+        if not uses_average:
+            # The live weights are evaluated; they stay what trains next.
+            state, params, model_state = averager.put_back_live(state, params, model_state)
+        averager.last_selection = {
+            "averaging/eval_uses_average": float(uses_average),
+            "averaging/select_live_loss": live_loss,
+            "averaging/select_average_loss": average_loss,
+        }
+        averager.timings.record("select", time.perf_counter() - start - swap_seconds)
         return (state, programs), params, model_state
 
     return Submission(

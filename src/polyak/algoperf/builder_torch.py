@@ -14,6 +14,8 @@ The hyperparameters are read once, in ``init_optimizer_state``, into a
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -25,7 +27,7 @@ from polyak.algoperf.batch_sizes import get_batch_size
 from polyak.algoperf.submission_api import Submission, data_selection, should_log
 from polyak.algoperf.trial_config import OptimizerConfig, TrialConfig, resolve_trial_config
 from polyak.averaging.averager_torch import TorchAverager, TWAFitContext
-from polyak.distributed_torch import is_distributed
+from polyak.distributed_torch import all_reduce_sum, is_distributed
 
 OptimizerFactory = Callable[
     [Iterable[torch.Tensor], Any, int],
@@ -114,7 +116,8 @@ def build_submission(
         averager.before_optimizer_step()
         optimizer.step()
         optimizer_state["scheduler"].step()
-        averager.remember_batch(batch)  # TWA fits on recent batches; others ignore it
+        # TWA fits on recent batches, averaging_select="best" scores on them.
+        averager.remember_batch(batch, global_step + 1)
 
         if should_log(global_step):
             _log_training_metrics(workload, model, loss, averager, global_step)
@@ -145,7 +148,21 @@ def build_submission(
         # does not collect them again).
         averager.collect(global_step)
         # TWA fits here, inside prepare_for_eval: its time is submission time.
+        if not config.averaging.selects_best:
+            averager.swap_in_average(fit_context=fit_context)
+            return optimizer_state, current_param_container, model_state
+        start = time.perf_counter()
+        score_fn = _selection_loss_fn(workload, model_state, rng)
+        live_loss = averager.score(score_fn)
+        swap_start = time.perf_counter()
         averager.swap_in_average(fit_context=fit_context)
+        swap_seconds = time.perf_counter() - swap_start
+        average_loss = averager.score(score_fn) if averager.swapped else math.inf
+        uses_average = average_loss <= live_loss
+        if averager.swapped and not uses_average:
+            averager.restore_live()  # the live weights stay what trains next
+        averager.last_selection = _selection_metrics(uses_average, live_loss, average_loss)
+        averager.timings.record("select", time.perf_counter() - start - swap_seconds)
         return optimizer_state, current_param_container, model_state
 
     return Submission(
@@ -196,24 +213,71 @@ def _training_loss(
     return summed_loss / n_valid, new_model_state
 
 
+def _selection_loss_fn(
+    workload: spec.Workload, model_state: Any, rng: Any
+) -> Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]:
+    """The loss the eval computes (eval mode, no label smoothing), averaged over
+    the ranks so that every rank makes the same choice."""
+
+    def loss_fn(module: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        logits, _ = workload.model_fn(
+            params=module,
+            augmented_and_preprocessed_input_batch=batch,
+            model_state=model_state,
+            mode=spec.ForwardPassMode.EVAL,
+            rng=rng,
+            update_batch_norm=False,
+            dropout_rate=0.0,
+        )
+        loss_dict = workload.loss_fn(
+            label_batch=batch["targets"],
+            logits_batch=logits,
+            mask_batch=batch.get("weights"),
+            label_smoothing=0.0,
+        )
+        totals = torch.stack(
+            [
+                torch.as_tensor(loss_dict["summed"]).double(),
+                torch.as_tensor(loss_dict["n_valid_examples"]).double().to(logits.device),
+            ]
+        )
+        totals = all_reduce_sum(totals)
+        return totals[0] / totals[1]
+
+    return loss_fn
+
+
+def _selection_metrics(
+    uses_average: bool, live_loss: float, average_loss: float
+) -> dict[str, float]:
+    return {
+        "averaging/eval_uses_average": float(uses_average),
+        "averaging/select_live_loss": live_loss,
+        "averaging/select_average_loss": average_loss,
+    }
+
+
 def _twa_fit_context(
     workload: spec.Workload, model_state: Any, rng: Any, label_smoothing: float
 ) -> TWAFitContext:
     """The training loss for TWA's fit (no dropout, BatchNorm frozen) and a
     forward pass that updates BatchNorm statistics for their recomputation."""
 
-    def loss_fn(module: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        loss, _ = _training_loss(
-            workload,
-            module,
-            model_state,
-            batch,
-            rng,
-            update_batch_norm=False,
-            dropout_rate=0.0,
-            label_smoothing=label_smoothing,
-        )
-        return loss
+    def loss_with(smoothing: float) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+        def loss_fn(module: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+            loss, _ = _training_loss(
+                workload,
+                module,
+                model_state,
+                batch,
+                rng,
+                update_batch_norm=False,
+                dropout_rate=0.0,
+                label_smoothing=smoothing,
+            )
+            return loss
+
+        return loss_fn
 
     def forward_fn(module: torch.nn.Module, batch: dict[str, Any]) -> Any:
         return workload.model_fn(
@@ -226,7 +290,13 @@ def _twa_fit_context(
             dropout_rate=0.0,
         )
 
-    return TWAFitContext(loss_fn=loss_fn, forward_fn=forward_fn)
+    # The fit is judged on its held-out batches by the loss the eval reports
+    # (no label smoothing), not by the one it descends.
+    return TWAFitContext(
+        loss_fn=loss_with(label_smoothing),
+        forward_fn=forward_fn,
+        validation_loss_fn=None if label_smoothing == 0.0 else loss_with(0.0),
+    )
 
 
 @torch.no_grad()

@@ -23,10 +23,15 @@ its last value is remembered on the host, so ordinary steps never wait on the
 device.
 
 With ``"device"`` placement a collection is folded inside the caller's jitted
-train step (:meth:`JaxAverager.after_update`), so a step does no extra work
-unless it collects. With ``"host"`` it is dispatched after the step
-(:meth:`JaxAverager.collect`), and the caller's accelerator programs never see
-the state (:meth:`JaxAverager.split_off`).
+train step (:meth:`JaxAverager.after_update`): a step is one program, collecting
+or not. Steps that do not collect never see the averaging state: the caller
+holds it out (:meth:`JaxAverager.split_off`) and puts it back afterwards
+(:meth:`JaxAverager.collect`), so they take exactly the arguments of a step
+without averaging. (A ``lax.cond`` on the step inside one program would pass
+the window and the live slot through every step; on small models their
+per-array dispatch cost is most of the averaging overhead.) With ``"host"``
+the collection is dispatched after the step, as a CPU program, and the
+caller's accelerator programs never see the state.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class JaxAverager:
         self._replicated = replicated
         self._last_flag: tuple[Any, bool] | None = None
         self._num_skipped_logged = 0
+        # Which weights the last eval got under averaging_select="best" (1: the average).
+        self.last_selection: dict[str, float] = {}
         swap_shardings = dict(
             out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1, 2)
         )
@@ -145,25 +152,29 @@ class JaxAverager:
             )
         return state
 
-    def split_off(self, state: State) -> tuple[Any, State]:
-        """(held, rest): with ``"host"`` placement the caller's accelerator programs
-        must not take the averaging state, so it is held out of ``rest``."""
-        if not self.placement.on_host:
-            return None, state
-        return state["averaging"], {k: v for k, v in state.items() if k != "averaging"}
+    def split_off(self, state: State, step: int) -> tuple[State, State]:
+        """(held, rest) for the train step after which ``step`` steps are done:
+        ``rest`` is what that step's program takes. The live slot is never
+        needed there, and the averaging state only when the step folds a
+        collection (``"device"`` placement)."""
+        keep = {"averaging"} if self.collects_in_step(step) else set()
+        held = {k: v for k, v in state.items() if k in _STEP_OPTIONAL and k not in keep}
+        return held, {k: v for k, v in state.items() if k not in held}
 
     def collect(
-        self, held: Any, state: State, params: PyTree, model_state: PyTree, step: int
+        self, held: State, state: State, params: PyTree, model_state: PyTree, step: int
     ) -> State:
         """After the train step: puts back what :meth:`split_off` held, folding the
         new weights into it first if ``step`` (counted from 1) is a collection step
         under ``"host"`` placement (dispatched; returns at once)."""
-        if self.placement.on_host:
-            if self.config.should_collect(step):
-                start = time.perf_counter()
-                held = self.placement.collect(held, self.tracked(params, model_state))
-                self.timings.record("collect", time.perf_counter() - start)
-            state = {**state, "averaging": held}
+        if self.placement.on_host and self.config.should_collect(step):
+            start = time.perf_counter()
+            averaging_state = self.placement.collect(
+                held["averaging"], self.tracked(params, model_state)
+            )
+            held = {**held, "averaging": averaging_state}
+            self.timings.record("collect", time.perf_counter() - start)
+        state = {**state, **held}
         self._last_flag = (state["swapped"], False)
         return state
 
@@ -177,7 +188,8 @@ class JaxAverager:
             return state, params, model_state
         start = time.perf_counter()
         if self.placement.on_host:
-            averaging_state, state = self.split_off(state)
+            averaging_state = state["averaging"]
+            state = {k: v for k, v in state.items() if k != "averaging"}
             accumulator = self.placement.upload_accumulator(averaging_state)
             state, params, model_state = self._swap_with_accumulator(
                 state, params, model_state, accumulator
@@ -188,6 +200,18 @@ class JaxAverager:
         self.timings.record("swap", time.perf_counter() - start)
         self._last_flag = (state["swapped"], True)
         return state, params, model_state
+
+    def put_back_live(
+        self, state: State, params: PyTree, model_state: PyTree
+    ) -> tuple[State, PyTree, PyTree]:
+        """Undoes :meth:`swap_in_average` (``averaging_select="best"`` chose the
+        live weights): the live weights back, and nothing is out any more."""
+        if not self.config.enabled or not self.is_swapped(state):
+            return state, params, model_state
+        state, params, model_state = self.restore_live(state, params, model_state)
+        flag = jax.device_put(jnp.zeros([], jnp.bool_), self._replicated)
+        self._last_flag = (flag, False)
+        return {**state, "swapped": flag}, params, model_state
 
     # -- the training log -------------------------------------------------------------------
 
@@ -204,8 +228,13 @@ class JaxAverager:
             if num_skipped > self._num_skipped_logged:
                 metrics.warn_nonfinite(num_skipped)
                 self._num_skipped_logged = num_skipped
+        out.update(self.last_selection)
         out.update(self.timings.drain_ms())
         return out
+
+
+# The averager's entries a train step can do without (``"swapped"`` it resets).
+_STEP_OPTIONAL = frozenset({"averaging", "live"})
 
 
 def _tracked(config: AveragingConfig, params: PyTree, model_state: PyTree) -> PyTree:

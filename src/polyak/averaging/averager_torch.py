@@ -29,14 +29,22 @@ The placement (``averaging_placement``) decides where the state lives:
 ``"sharded"`` over the DDP ranks. The stores are in ``placements_torch``; all
 give the same averages, bit for bit. The JAX twin is ``averager_jax``.
 
-TWA (``averaging="twa"``) keeps the LAWA window and the last ``twa_batches``
-training batches (``remember_batch``, references only). ``swap_in_average``
-then fits the averaging coefficients over the window's snapshots on those
-batches (:func:`polyak.averaging.twa_torch.fit_twa`) with the loss and forward
-closures of a :class:`TWAFitContext`, and recomputes BatchNorm statistics;
-the live buffers are stashed beside the live weights and come back with them.
-The batches are not checkpointed (they can be large): after a resume the fit
-uses the batches seen since.
+TWA (``averaging="twa"``) keeps the LAWA window and the recent training
+batches (``remember_batch``, references only, with the step that trained on
+each). ``swap_in_average`` then fits the averaging coefficients over the
+window's snapshots (:func:`polyak.averaging.twa_torch.fit_twa`) with the loss
+and forward closures of a :class:`TWAFitContext`, and recomputes BatchNorm
+statistics; the live buffers are stashed beside the live weights and come back
+with them. The fit runs on the last ``twa_batches`` batches that the window's
+checkpoints have trained on, and is kept only if it beats the uniform average
+on the batches trained since the last collection, which no checkpoint has
+seen. When there are none (an eval right after a collection) nothing could
+judge the fit, so none is run: the eval gets the uniform average, at LAWA's
+cost. The batches are not checkpointed (they can be large): after a resume
+the fit uses the batches seen since.
+
+With ``averaging_select="best"`` the same recent batches score the average
+against the live weights (:meth:`TorchAverager.score`); the builder decides.
 
 ``state_dict()`` holds everything, the live weights included while the
 average is swapped in, in one format for all placements: AlgoPerf
@@ -49,6 +57,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -103,6 +112,8 @@ class TWAFitContext:
 
     loss_fn: Callable[[nn.Module, Any], torch.Tensor]
     forward_fn: Callable[[nn.Module, Any], Any] | None = None
+    # Judges the fit on the held-out batches (None: ``loss_fn``).
+    validation_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
 
 
 class TorchAverager:
@@ -129,7 +140,13 @@ class TorchAverager:
         self._spare: Tensors | None = None
         self._store: placements_torch.Store | None = None
         # TWA: the recent training batches, and the live buffers while swapped.
-        self._recent_batches: collections.deque[Any] = collections.deque(maxlen=config.twa.batches)
+        self._recent_batches: collections.deque[tuple[int, Any]] = collections.deque(
+            maxlen=max(1, config.num_recent_batches)
+        )
+        # Which weights the last eval got under averaging_select="best" (1: the average).
+        self.last_selection: dict[str, float] = {}
+        # The newest step at the previous TWA eval: the fit's budget follows the cadence.
+        self._step_at_last_fit = 0
         self._buffer_stash: Tensors | None = None
         self.last_twa_result: twa_torch.TWAResult | None = None
         if not config.enabled or not self._live:
@@ -169,6 +186,7 @@ class TorchAverager:
         return {
             "averaging/num_collected": self._counters.num_collected,
             "averaging/num_skipped_nonfinite": self._counters.num_skipped_nonfinite,
+            **self.last_selection,
             **self.timings.drain_ms(),
         }
 
@@ -206,15 +224,45 @@ class TorchAverager:
         self.timings.record("collect", time.perf_counter() - start)
         return taken
 
-    def remember_batch(self, batch: Any) -> None:
-        """Keeps a reference to a training batch for TWA's fit (a no-op for other modes)."""
-        if self.config.mode == "twa":
-            self._recent_batches.append(batch)
+    def remember_batch(self, batch: Any, step: int) -> None:
+        """Keeps a reference to the batch that step ``step`` (counted from 1) trained
+        on, for TWA's fit and for ``averaging_select="best"`` (else a no-op)."""
+        if self.config.num_recent_batches:
+            self._recent_batches.append((step, batch))
 
     @property
     def recent_batches(self) -> list[Any]:
-        """The training batches a TWA fit would use, oldest first."""
-        return list(self._recent_batches)
+        """The kept training batches, oldest first."""
+        return [batch for _, batch in self._recent_batches]
+
+    def twa_batches(self) -> tuple[list[Any], list[Any]]:
+        """(fit, held out): the last ``twa_batches`` batches some checkpoint of the
+        window has trained on, and those trained since the last collection."""
+        if not self._recent_batches:
+            return [], []
+        newest_step = self._recent_batches[-1][0]
+        held_out = [
+            batch
+            for step, batch in self._recent_batches
+            if self.config.unseen_by_checkpoints(step, newest_step)
+        ]
+        seen = [
+            batch
+            for step, batch in self._recent_batches
+            if not self.config.unseen_by_checkpoints(step, newest_step)
+        ]
+        return seen[-self.config.twa.batches :], held_out
+
+    @torch.no_grad()
+    def score(self, loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> float:
+        """The mean of ``loss_fn(module, batch)`` over the kept batches, for the
+        weights the module holds now (``inf`` if there are none or it is not finite)."""
+        batches = self.recent_batches[-self.config.twa.batches :]
+        if not batches:
+            return float("inf")
+        total = torch.stack([loss_fn(self._module, b).detach().double() for b in batches])
+        value = float(total.mean())
+        return value if math.isfinite(value) else float("inf")
 
     def before_optimizer_step(self) -> None:
         """Call before the optimizer writes the weights: waits (on the device) for a
@@ -272,15 +320,33 @@ class TorchAverager:
         buffers = list(self._module.buffers())
         with torch.no_grad():
             self._buffer_stash = [b.detach().clone() for b in buffers]
-        batches = self.recent_batches
+        batches, held_out = self.twa_batches()
+        config = self.config.twa
+        newest_step = self._recent_batches[-1][0] if self._recent_batches else 0
+        steps = config.steps_within_budget(newest_step - self._step_at_last_fit, len(held_out))
+        self._step_at_last_fit = newest_step
         if not batches:
-            # Nothing to fit on (never the case under AlgoPerf, where a step
-            # precedes every eval): the uniform average with the live buffers.
+            # Nothing to fit on (never the case under AlgoPerf once a collection
+            # was made): the uniform average with the live buffers.
             with torch.no_grad():
                 self._store.mean_into(self._live)  # type: ignore[union-attr]
             self.last_twa_result = None
             return
-        config = self.config.twa
+        if not held_out or steps == 0:
+            # No batch could tell a fit that only follows the newest checkpoint
+            # from a better average (or the budget allows no fit): the uniform
+            # average, without building the subspace.
+            with torch.no_grad():
+                self._store.mean_into(self._live)  # type: ignore[union-attr]
+            self.last_twa_result = twa_torch.uniform_result(
+                self._module,
+                len(self._window_order()),
+                config,
+                context.forward_fn or context.loss_fn,
+                batches,
+            )
+            return
+        config = dataclasses.replace(config, steps=steps)
         slots = self._window_order()
         shapes = [t.shape for t in self._live]
         store = self._store
@@ -299,6 +365,8 @@ class TorchAverager:
                 context.loss_fn,
                 batches,
                 forward_fn=context.forward_fn,
+                validation_batches=held_out or None,
+                validation_loss_fn=context.validation_loss_fn,
             )
 
     def _window_order(self) -> list[int]:
@@ -380,6 +448,8 @@ class TorchAverager:
         saved = AveragingConfig.from_dict(state["config"])
         # Placement is where the state lives, not what it is: a checkpoint
         # moves between placements.
+        # Nor is the eval's selection: it reads no state.
+        saved = dataclasses.replace(saved, select=self.config.select)
         if dataclasses.replace(saved, placement=self.config.placement) != self.config:
             raise ValueError(
                 f"averaging state was saved with {saved}, but this run is configured with "

@@ -22,6 +22,10 @@ Hyperparameter names (the public interface, shared by both frameworks):
   ``twa_recompute_bn``: the TWA fit (see :class:`TWAConfig`), held as
   ``AveragingConfig.twa``. Type-checked whatever the mode; they only matter
   when ``averaging="twa"``.
+- ``averaging_select``: ``"average"`` (default) evaluates the average;
+  ``"best"`` scores the average and the live weights on the recent training
+  batches at each eval (their mean loss, as the eval computes it) and
+  evaluates the better one. Training always continues from the live weights.
 
 Each config reads its names through one table (``HYPERPARAMETERS``: name →
 field); a field's default is the dataclass default, except ``every``, whose
@@ -48,6 +52,7 @@ from polyak.hyperparameters import lookup
 Mode = Literal["none", "lawa", "ema", "twa"]
 Placement = Literal["auto", "device", "host", "sharded"]
 BufferPolicy = Literal["live", "average"]
+Selection = Literal["average", "best"]
 
 MODES: tuple[str, ...] = ("none", "lawa", "ema", "twa")
 # Trainable weight averaging exists only in the PyTorch averager.
@@ -56,6 +61,7 @@ TORCH_ONLY_MODES: tuple[str, ...] = ("twa",)
 WINDOW_MODES: tuple[str, ...] = ("lawa", "twa")
 PLACEMENTS: tuple[str, ...] = ("auto", "device", "host", "sharded")
 BUFFER_POLICIES: tuple[str, ...] = ("live", "average")
+SELECTIONS: tuple[str, ...] = ("average", "best")
 
 DEFAULT_WINDOW = 20
 DEFAULT_BETA = 0.9
@@ -109,6 +115,11 @@ class TWAConfig:
       weight and bias).
     - ``recompute_batch_norm`` (``twa_recompute_bn``): recompute BatchNorm
       statistics for the result.
+    - ``budget`` (``twa_budget``): the fit's passes over a batch (its steps
+      plus the two validation passes per held-out batch) are at most this
+      fraction of the training steps since the previous eval, so its cost
+      follows the eval cadence: at 0.5 and an eval every 100 steps, at most
+      50 passes. ``None``: ``steps`` whatever the cadence.
     """
 
     steps: int = 50
@@ -116,6 +127,7 @@ class TWAConfig:
     lr: float = 0.1
     layerwise: bool | int = False
     recompute_batch_norm: bool = True
+    budget: float | None = None
 
     # Hyperparameter name → field.
     HYPERPARAMETERS: ClassVar[Mapping[str, str]] = MappingProxyType(
@@ -125,6 +137,7 @@ class TWAConfig:
             "twa_lr": "lr",
             "twa_layerwise": "layerwise",
             "twa_recompute_bn": "recompute_batch_norm",
+            "twa_budget": "budget",
         }
     )
 
@@ -154,6 +167,18 @@ class TWAConfig:
             )
         if not isinstance(self.recompute_batch_norm, bool):
             raise TWAError(f"twa_recompute_bn={self.recompute_batch_norm!r} must be a bool")
+        budget = self.budget
+        if budget is not None and (
+            isinstance(budget, bool)
+            or not isinstance(budget, (int, float))
+            or not (math.isfinite(budget) and budget > 0)
+        ):
+            raise TWAError(
+                f"twa_budget={budget!r} must be a finite number > 0 (fit passes per training "
+                "step since the previous eval) or None (no cap)"
+            )
+        if budget is not None:
+            object.__setattr__(self, "budget", float(budget))
         object.__setattr__(self, "steps", int(self.steps))
         object.__setattr__(self, "batches", int(self.batches))
         object.__setattr__(self, "lr", float(self.lr))
@@ -165,6 +190,14 @@ class TWAConfig:
     def from_hyperparameters(cls, hyperparameters: Any) -> TWAConfig:
         """Reads the ``twa_*`` names (missing or None: the field defaults)."""
         return cls(**_read(cls, hyperparameters))
+
+    def steps_within_budget(self, steps_since_eval: int, num_held_out: int) -> int:
+        """The fit steps allowed after ``steps_since_eval`` training steps, when
+        ``num_held_out`` batches are scored twice to judge the fit."""
+        if self.budget is None:
+            return self.steps
+        passes = math.floor(self.budget * steps_since_eval) - 2 * num_held_out
+        return max(0, min(self.steps, passes))
 
     @property
     def tensors_per_block(self) -> int:
@@ -189,6 +222,7 @@ class AveragingConfig:
     step_hint: int = 1
     buffers: BufferPolicy = "live"
     placement: Placement = "auto"
+    select: Selection = "average"
     twa: TWAConfig = TWAConfig()
 
     # Hyperparameter name → field (the twa_* names are TWAConfig's).
@@ -201,6 +235,7 @@ class AveragingConfig:
             "averaging_start_frac": "start_frac",
             "averaging_buffers": "buffers",
             "averaging_placement": "placement",
+            "averaging_select": "select",
         }
     )
     # Every name :meth:`from_hyperparameters` reads.
@@ -234,6 +269,12 @@ class AveragingConfig:
         if self.placement not in PLACEMENTS:
             raise AveragingError(
                 f"averaging_placement={self.placement!r} is unknown; expected one of {PLACEMENTS}"
+            )
+        if self.select not in SELECTIONS:
+            raise AveragingError(
+                f"averaging_select={self.select!r} is unknown; expected one of {SELECTIONS} "
+                "('best': evaluate whichever of the average and the live weights scores "
+                "better on recent training batches)"
             )
         if not isinstance(self.twa, TWAConfig):
             raise TWAError(f"twa={self.twa!r} must be a TWAConfig")
@@ -269,6 +310,7 @@ class AveragingConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> AveragingConfig:
+        # Checkpoints from before averaging_select was a field lack it.
         return cls(**{**values, "twa": TWAConfig(**values["twa"])})
 
     @property
@@ -279,6 +321,36 @@ class AveragingConfig:
     def keeps_window(self) -> bool:
         """Whether a LAWA window of snapshots is kept (LAWA, and TWA's checkpoints)."""
         return self.mode in WINDOW_MODES
+
+    @property
+    def selects_best(self) -> bool:
+        """Whether each eval picks the better of the average and the live weights."""
+        return self.enabled and self.select == "best"
+
+    @property
+    def num_recent_batches(self) -> int:
+        """How many recent training batches the averager keeps: TWA's fit
+        batches plus held-out ones (see :meth:`unseen_by_checkpoints`), and
+        the batches ``"best"`` scores on (``twa_batches`` of them)."""
+        if self.mode == "twa":
+            return self.twa.batches + self.twa_holdout
+        return self.twa.batches if self.selects_best else 0
+
+    @property
+    def twa_holdout(self) -> int:
+        """At most this many batches are held out of TWA's fit to validate it:
+        those trained since the last collection (fewer than ν)."""
+        return min(self.every - 1, self.twa.batches)
+
+    def last_collection_step(self, step: int) -> int:
+        """The last step <= ``step`` (counted from 1) that was collected; 0 if none."""
+        last = step - step % self.every
+        return last if self.enabled and last >= self.start_step else 0
+
+    def unseen_by_checkpoints(self, batch_step: int, step: int) -> bool:
+        """Whether the batch trained at ``batch_step`` is in none of the checkpoints
+        collected up to ``step``: it came after the last collection."""
+        return batch_step > self.last_collection_step(step)
 
     @property
     def start_step(self) -> int:

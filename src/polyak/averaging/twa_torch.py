@@ -36,10 +36,14 @@ How it is built and fitted:
   block), so ``lr`` does not depend on the scale of the weights or the loss:
   ``lr = 0.1`` moves each coefficient by up to about 10% of that spread per step.
 - Only training data is used (TWA-t). The steps cycle through the given
-  batches; afterwards the mean loss over those batches at the fitted weights
-  is compared with the one at θ̄, and **if the fit ended worse (or not
-  finite), the uniform average θ̄ is returned instead**. So on the batches
-  it was fitted on, TWA is never worse than LAWA over the same checkpoints.
+  batches; afterwards the mean loss at the fitted weights is compared with
+  the one at θ̄, and **if the fit ended worse (or not finite), the uniform
+  average θ̄ is returned instead**. The comparison is made on
+  ``validation_batches`` when given: batches none of the checkpoints has
+  trained on. The fit batches are not enough for it: the newest checkpoint
+  has just trained on them, so a fit that moves towards it lowers their loss
+  while the held-out loss rises. Without validation batches the comparison
+  uses the fit batches, and TWA is never worse than LAWA on those.
 - Buffers are saved before the fit and restored after it, so a loss that
   updates BatchNorm statistics leaves no trace. Then, if the module has
   BatchNorm layers (and ``recompute_batch_norm``), their statistics are
@@ -242,11 +246,12 @@ class TWASubspace:
 class TWAResult:
     """What a fit did. The module holds the chosen weights.
 
-    ``chosen`` is ``"twa"`` or ``"uniform"`` (the fit did not beat θ̄ on its
-    batches, or there was nothing to fit). Losses are means over the batches
-    (``None`` when no fit ran). ``coefficients`` is α (orthonormal-basis
-    units, (K − 1) × blocks); ``checkpoint_weights`` the equivalent weights
-    over the K checkpoints per block, each row summing to 1.
+    ``chosen`` is ``"twa"`` or ``"uniform"`` (the fit did not beat θ̄ on the
+    validation batches, or its own without them, or there was nothing to
+    fit). Losses are means over those batches (``None`` when no fit ran).
+    ``coefficients`` is α (orthonormal-basis units, (K − 1) × blocks);
+    ``checkpoint_weights`` the equivalent weights over the K checkpoints per
+    block, each row summing to 1.
     """
 
     chosen: str
@@ -357,6 +362,8 @@ def fit_twa(
     *,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     blocks: Sequence[Sequence[int]] | None = None,
+    validation_batches: Sequence[Any] | None = None,
+    validation_loss_fn: LossFn | None = None,
 ) -> TWAResult:
     """Fits the averaging coefficients and loads the resulting weights into ``module``.
 
@@ -368,7 +375,10 @@ def fit_twa(
     module, so DDP does not broadcast rank 0's statistics in between.
     ``snapshots`` are K lists of tensors in ``module.parameters()`` order, or
     a :class:`TWASubspace` built from them. Under DDP pass the wrapped module
-    and call this on every rank.
+    and call this on every rank. ``validation_batches`` (not trained on by
+    any checkpoint) decide between the fit and θ̄, by ``validation_loss_fn``
+    (default ``loss_fn``; the metric the eval reports is the better judge);
+    BatchNorm statistics are recomputed over the fit and the validation batches.
     """
     parameters = list(module.parameters())
     shapes = [p.shape for p in parameters]
@@ -383,8 +393,16 @@ def fit_twa(
         subspace = build_subspace(snapshots, shapes, config, blocks=blocks, device=device)
     if batches is not None and len(batches) == 0:
         raise TWAError("fit_twa got an empty list of batches; pass at least one or None")
+    if validation_batches is not None and len(validation_batches) == 0:
+        raise TWAError("fit_twa got an empty list of validation batches; pass at least one or None")
     calls: list[Callable[[nn.Module], Any]] = (
         [loss_fn] if batches is None else [_bind(loss_fn, batch) for batch in batches]
+    )
+    judge_fn = validation_loss_fn or loss_fn
+    judges = (
+        calls
+        if validation_batches is None
+        else [_bind(judge_fn, batch) for batch in validation_batches]
     )
     layout = subspace.layout
     world = layout.world
@@ -403,9 +421,9 @@ def fit_twa(
     def mean_loss() -> float:
         with torch.no_grad():
             total = torch.zeros((), dtype=torch.float64)
-            for call in calls:
-                total += call(module).detach().double().cpu()
-            total /= len(calls)
+            for judge in judges:
+                total += judge(module).detach().double().cpu()
+            total /= len(judges)
             if world > 1:
                 # Every rank must make the same choice.
                 dist.all_reduce(total)
@@ -456,7 +474,8 @@ def fit_twa(
     recomputed = False
     if config.recompute_batch_norm:
         forward = forward_fn or loss_fn
-        forwards = [forward] if batches is None else [_bind(forward, b) for b in batches]
+        every_batch = [*(batches or ()), *(validation_batches or ())]
+        forwards = [forward] if batches is None else [_bind(forward, b) for b in every_batch]
         recomputed = recompute_batch_norm(module, forwards, world)
     module.train(was_training)
     return TWAResult(
@@ -467,6 +486,34 @@ def fit_twa(
         coefficients=coefficients.clone(),
         checkpoint_weights=subspace.checkpoint_weights(coefficients),
         num_directions=tuple(subspace.num_directions),
+        batch_norm_recomputed=recomputed,
+    )
+
+
+def uniform_result(
+    module: nn.Module,
+    num_checkpoints: int,
+    config: TWAConfig,
+    forward_fn: Callable[[nn.Module, Any], Any],
+    batches: Sequence[Any],
+) -> TWAResult:
+    """What :func:`fit_twa` returns without a fit, for a module that already
+    holds the uniform average: BatchNorm statistics recomputed if asked."""
+    recomputed = False
+    if config.recompute_batch_norm:
+        was_training = module.training
+        recomputed = recompute_batch_norm(module, [_bind(forward_fn, b) for b in batches])
+        module.train(was_training)
+    return TWAResult(
+        chosen="uniform",
+        uniform_loss=None,
+        fitted_loss=None,
+        step_losses=(),
+        coefficients=torch.zeros(max(0, num_checkpoints - 1), 1),
+        checkpoint_weights=torch.full(
+            (1, num_checkpoints), 1.0 / num_checkpoints, dtype=torch.float64
+        ),
+        num_directions=(),
         batch_norm_recomputed=recomputed,
     )
 
