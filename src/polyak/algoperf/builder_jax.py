@@ -172,8 +172,13 @@ def build_submission(
     make_optimizer: OptimizerFactory,
     optimizer_config: type[OptimizerConfig],
     self_tuning_extra: Mapping[str, Any] | None = None,
+    optimizer_metrics: Callable[[optax.OptState], Mapping[str, float]] | None = None,
 ) -> Submission:
-    """Turns an optax optimizer factory and its config type into AlgoPerf's five functions."""
+    """Turns an optax optimizer factory and its config type into AlgoPerf's five functions.
+
+    ``optimizer_metrics`` reads the optimizer's own counters from its state (for
+    example Shampoo's skipped steps) for the training log, at the logging cadence.
+    """
 
     def init_optimizer_state(
         workload: spec.Workload,
@@ -235,7 +240,8 @@ def build_submission(
         if programs.recent_batches.maxlen:
             programs.recent_batches.append(batch)
         if should_log(global_step):
-            _log_training_metrics(workload, loss, grad_norm, averager, state, global_step)
+            extra = optimizer_metrics(state["optimizer"]) if optimizer_metrics else {}
+            _log_training_metrics(workload, loss, grad_norm, averager, state, global_step, extra)
         return (state, programs), params, model_state
 
     def prepare_for_eval(
@@ -295,10 +301,12 @@ def _log_training_metrics(
     averager: JaxAverager,
     state: dict[str, Any],
     global_step: int,
+    optimizer_metrics: Mapping[str, float],
 ) -> None:
     metrics = {"loss": float(loss), "grad_norm": float(grad_norm)}
     # After the values above are read, so the step's counters are ready too.
     metrics.update(averager.metrics(state))
+    metrics.update(optimizer_metrics)
     logger = getattr(workload, "metrics_logger", None)
     if logger is not None:
         logger.append_scalar_metrics(metrics, global_step)

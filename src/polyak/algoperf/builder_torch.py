@@ -39,8 +39,13 @@ def build_submission(
     make_optimizer: OptimizerFactory,
     optimizer_config: type[OptimizerConfig],
     self_tuning_extra: Mapping[str, Any] | None = None,
+    optimizer_metrics: Callable[[torch.optim.Optimizer], Mapping[str, float]] | None = None,
 ) -> Submission:
-    """Turns an optimizer factory and its config type into AlgoPerf's five functions."""
+    """Turns an optimizer factory and its config type into AlgoPerf's five functions.
+
+    ``optimizer_metrics`` reads the optimizer's own counters (for example
+    Shampoo's skipped steps) for the training log, at the logging cadence.
+    """
 
     def init_optimizer_state(
         workload: spec.Workload,
@@ -120,7 +125,8 @@ def build_submission(
         averager.remember_batch(batch, global_step + 1)
 
         if should_log(global_step):
-            _log_training_metrics(workload, model, loss, averager, global_step)
+            extra = optimizer_metrics(optimizer) if optimizer_metrics else {}
+            _log_training_metrics(workload, model, loss, averager, global_step, extra)
         return optimizer_state, current_param_container, new_model_state
 
     def prepare_for_eval(
@@ -306,6 +312,7 @@ def _log_training_metrics(
     loss: torch.Tensor,
     averager: TorchAverager,
     global_step: int,
+    optimizer_metrics: Mapping[str, float],
 ) -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0.0
@@ -314,6 +321,7 @@ def _log_training_metrics(
         "grad_norm": float(grad_norm),
         # Counters and collect/swap/restore timings; never waits for a host fold.
         **averager.metrics(),
+        **optimizer_metrics,
     }
     logger = getattr(workload, "metrics_logger", None)
     if logger is not None:

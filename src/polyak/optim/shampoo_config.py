@@ -395,3 +395,20 @@ def _boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool | int) or value not in (0, 1):
         raise ShampooConfigError(f"{name}={value!r} must be true or false")
     return bool(value)
+
+
+# The optimizer's own counters in the training log, the same names in both twins.
+METRICS_PREFIX = "shampoo/"
+COUNTER_NAMES: tuple[str, ...] = (
+    "skipped_steps",
+    "root_failures",
+    "direction_fallbacks",
+    "skipped_statistics",
+)
+# Skipped steps are warned about at most this often, as the averager does for its skips.
+SKIPPED_WARNING_SECONDS = 60
+
+
+def counter_metrics(counters: Mapping[str, int]) -> dict[str, float]:
+    """The counters as training-log metrics (``shampoo/<name>``)."""
+    return {f"{METRICS_PREFIX}{name}": float(counters[name]) for name in COUNTER_NAMES}

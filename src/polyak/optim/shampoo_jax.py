@@ -59,7 +59,13 @@ from polyak.optim.bias_correction_jax import bias_correction
 from polyak.optim.nadamw_jax import warmup_cosine_schedule
 from polyak.optim.schedules import warmup_steps_for
 from polyak.optim.shampoo_blocking import ParameterPlan, grafting_blocks, plan_parameter
-from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
+from polyak.optim.shampoo_config import (
+    COUNTER_NAMES,
+    SKIPPED_WARNING_SECONDS,
+    ShampooConfig,
+    ShampooConfigError,
+    counter_metrics,
+)
 
 __all__ = [
     "EmaMomentumState",
@@ -752,10 +758,6 @@ def skip_unusable_steps(inner: optax.GradientTransformation) -> optax.GradientTr
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-METRICS_PREFIX = "shampoo/"
-SKIPPED_WARNING_SECONDS = 60
-
-
 def training_metrics(opt_state: optax.OptState) -> dict[str, int]:
     """Counters for the training log (``shampoo/…``), read from the host; warns on skips.
 
@@ -764,9 +766,7 @@ def training_metrics(opt_state: optax.OptState) -> dict[str, int]:
     averager's counters. A positive ``skipped_steps`` logs a warning, at most
     once a minute.
     """
-    totals = dict.fromkeys(
-        ("skipped_steps", "root_failures", "direction_fallbacks", "skipped_statistics"), 0
-    )
+    totals = dict.fromkeys(COUNTER_NAMES, 0)
     for node in _shampoo_states(opt_state):
         if isinstance(node, SkipUnusableStepsState):
             totals["skipped_steps"] += int(node.skipped_steps)
@@ -781,7 +781,7 @@ def training_metrics(opt_state: optax.OptState) -> dict[str, int]:
             SKIPPED_WARNING_SECONDS,
             totals["skipped_steps"],
         )
-    return {f"{METRICS_PREFIX}{name}": value for name, value in totals.items()}
+    return counter_metrics(totals)
 
 
 def _shampoo_states(node: Any) -> list[Any]:

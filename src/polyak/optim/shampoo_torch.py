@@ -110,11 +110,17 @@ from polyak.optim.shampoo_blocking import (
     grafting_blocks,
     plan_parameter,
 )
-from polyak.optim.shampoo_config import ShampooConfig, ShampooConfigError
+from polyak.optim.shampoo_config import (
+    SKIPPED_WARNING_SECONDS,
+    ShampooConfig,
+    ShampooConfigError,
+    counter_metrics,
+)
 
 __all__ = [
     "Shampoo",
     "make_shampoo",
+    "training_metrics",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -123,10 +129,6 @@ _LOG = logging.getLogger(__name__)
 _NORM_FLOOR = 1e-16
 # Graftings that keep a second moment of the gradient.
 _SECOND_MOMENT_GRAFTINGS = ("adam", "rmsprop", "adagrad")
-
-
-METRICS_PREFIX = "shampoo/"
-SKIPPED_WARNING_SECONDS = 60
 
 
 def warn_skipped_steps(total: int, now: int) -> None:
@@ -612,16 +614,7 @@ class Shampoo(torch.optim.Optimizer):
 
     def metrics(self) -> dict[str, float]:
         """Counters for the training log (``shampoo/…``), as the averager reports its skips."""
-        counters = self.diagnostics()
-        return {
-            f"{METRICS_PREFIX}{name}": float(counters[name])
-            for name in (
-                "skipped_steps",
-                "root_failures",
-                "direction_fallbacks",
-                "skipped_statistics",
-            )
-        }
+        return counter_metrics(self.diagnostics())
 
     def diagnostics(self) -> dict[str, int]:
         """Counters of this rank (root failures, skipped statistics and steps, memory)."""
@@ -744,3 +737,8 @@ def _schedule(
     multiplier: Callable[[int, int, int], float], count: int, *, warmup_steps: int, step_hint: int
 ) -> float:
     return multiplier(count, warmup_steps, step_hint)
+
+
+def training_metrics(optimizer: Shampoo) -> dict[str, float]:
+    """The twin of ``shampoo_jax.training_metrics``: the counters for the training log."""
+    return optimizer.metrics()

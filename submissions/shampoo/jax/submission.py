@@ -6,9 +6,9 @@ The averaging is chosen by the hyperparameters (`averaging`, `averaging_every`,
 
 from polyak.algoperf.builder_jax import build_submission
 from polyak.optim.shampoo_config import ShampooConfig
-from polyak.optim.shampoo_jax import make_shampoo
+from polyak.optim.shampoo_jax import make_shampoo, training_metrics
 
-_submission = build_submission(make_shampoo, ShampooConfig)
+_submission = build_submission(make_shampoo, ShampooConfig, optimizer_metrics=training_metrics)
 
 init_optimizer_state = _submission.init_optimizer_state
 update_params = _submission.update_params
