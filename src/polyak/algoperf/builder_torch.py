@@ -27,7 +27,7 @@ from polyak.algoperf.batch_sizes import get_batch_size
 from polyak.algoperf.submission_api import Submission, data_selection, should_log
 from polyak.algoperf.trial_config import OptimizerConfig, TrialConfig, resolve_trial_config
 from polyak.averaging.averager_torch import TorchAverager, TWAFitContext
-from polyak.distributed_torch import all_reduce_sum, is_distributed
+from polyak.distributed_torch import is_distributed
 
 OptimizerFactory = Callable[
     [Iterable[torch.Tensor], Any, int],
@@ -190,13 +190,14 @@ def _training_loss(
     update_batch_norm: bool,
     dropout_rate: float,
     label_smoothing: float,
+    mode: spec.ForwardPassMode = spec.ForwardPassMode.TRAIN,
 ) -> tuple[torch.Tensor, Any]:
-    """The training loss as AlgoPerf's baseline computes it: summed / n_valid."""
+    """The loss as AlgoPerf's baseline computes it: summed / n_valid over all ranks."""
     logits, new_model_state = workload.model_fn(
         params=model,
         augmented_and_preprocessed_input_batch=batch,
         model_state=model_state,
-        mode=spec.ForwardPassMode.TRAIN,
+        mode=mode,
         rng=rng,
         update_batch_norm=update_batch_norm,
         dropout_rate=dropout_rate,
@@ -222,33 +223,22 @@ def _training_loss(
 def _selection_loss_fn(
     workload: spec.Workload, model_state: Any, rng: Any
 ) -> Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]:
-    """The loss the eval computes (eval mode, no label smoothing), averaged over
+    """The loss the eval computes (eval mode, no label smoothing), summed over
     the ranks so that every rank makes the same choice."""
 
     def loss_fn(module: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        logits, _ = workload.model_fn(
-            params=module,
-            augmented_and_preprocessed_input_batch=batch,
-            model_state=model_state,
+        loss, _ = _training_loss(
+            workload,
+            module,
+            model_state,
+            batch,
+            rng,
             mode=spec.ForwardPassMode.EVAL,
-            rng=rng,
             update_batch_norm=False,
             dropout_rate=0.0,
-        )
-        loss_dict = workload.loss_fn(
-            label_batch=batch["targets"],
-            logits_batch=logits,
-            mask_batch=batch.get("weights"),
             label_smoothing=0.0,
         )
-        totals = torch.stack(
-            [
-                torch.as_tensor(loss_dict["summed"]).double(),
-                torch.as_tensor(loss_dict["n_valid_examples"]).double().to(logits.device),
-            ]
-        )
-        totals = all_reduce_sum(totals)
-        return totals[0] / totals[1]
+        return loss
 
     return loss_fn
 
