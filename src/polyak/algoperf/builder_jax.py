@@ -34,8 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from polyak.algoperf import spec
-from polyak.algoperf.batch_sizes import get_batch_size
-from polyak.algoperf.submission_api import Submission, data_selection, should_log
+from polyak.algoperf.submission_api import Submission, should_log
 from polyak.algoperf.trial_config import (
     OptimizerConfig,
     TrainingConfig,
@@ -285,13 +284,7 @@ def build_submission(
         averager.timings.record("select", time.perf_counter() - start - swap_seconds)
         return (state, programs), params, model_state
 
-    return Submission(
-        init_optimizer_state=init_optimizer_state,
-        update_params=update_params,
-        prepare_for_eval=prepare_for_eval,
-        get_batch_size=get_batch_size,
-        data_selection=data_selection,
-    )
+    return Submission(init_optimizer_state, update_params, prepare_for_eval)
 
 
 def _log_training_metrics(

@@ -23,8 +23,7 @@ import torch
 from absl import logging
 
 from polyak.algoperf import spec
-from polyak.algoperf.batch_sizes import get_batch_size
-from polyak.algoperf.submission_api import Submission, data_selection, should_log
+from polyak.algoperf.submission_api import Submission, should_log
 from polyak.algoperf.trial_config import OptimizerConfig, TrialConfig, resolve_trial_config
 from polyak.averaging.averager_torch import TorchAverager, TWAFitContext
 from polyak.distributed_torch import is_distributed
@@ -171,13 +170,7 @@ def build_submission(
         averager.timings.record("select", time.perf_counter() - start - swap_seconds)
         return optimizer_state, current_param_container, model_state
 
-    return Submission(
-        init_optimizer_state=init_optimizer_state,
-        update_params=update_params,
-        prepare_for_eval=prepare_for_eval,
-        get_batch_size=get_batch_size,
-        data_selection=data_selection,
-    )
+    return Submission(init_optimizer_state, update_params, prepare_for_eval)
 
 
 def _training_loss(

@@ -7,17 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from polyak.algoperf import spec
-
-
-@dataclasses.dataclass(frozen=True)
-class Submission:
-    """AlgoPerf's submission API, as plain functions with v0.6 signatures."""
-
-    init_optimizer_state: Callable[..., Any]
-    update_params: Callable[..., Any]
-    prepare_for_eval: Callable[..., Any]
-    get_batch_size: Callable[[str], int]
-    data_selection: Callable[..., Any]
+from polyak.algoperf.batch_sizes import get_batch_size
 
 
 def data_selection(
@@ -42,3 +32,18 @@ def should_log(global_step: int) -> bool:
     Logging reads values back to the host, which would stall every step otherwise.
     """
     return global_step <= 100 or global_step % 500 == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Submission:
+    """AlgoPerf's submission API, as plain functions with v0.6 signatures.
+
+    Both builders share the batch sizes and the data selection; they supply
+    the three functions that differ by framework.
+    """
+
+    init_optimizer_state: Callable[..., Any]
+    update_params: Callable[..., Any]
+    prepare_for_eval: Callable[..., Any]
+    get_batch_size: Callable[[str], int] = get_batch_size
+    data_selection: Callable[..., Any] = data_selection
