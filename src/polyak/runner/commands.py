@@ -419,13 +419,24 @@ def launcher_prefix(settings: RunSettings) -> list[str]:
     if settings.launcher != "torchrun":
         raise LaunchConfigError(f"launcher {settings.launcher!r} has no local prefix")
     nproc = settings.nproc_per_node or settings.num_accelerators
-    if settings.is_multi_node:
+    endpoint = settings.rdzv_endpoint if settings.is_multi_node else None
+    return torchrun_prefix(nproc, settings.nnodes, settings.rdzv_backend, endpoint)
+
+
+def torchrun_prefix(
+    nproc: int | str,
+    nnodes: int | str | None,
+    rdzv_backend: str | None,
+    rdzv_endpoint: str | None,
+) -> list[str]:
+    """``torchrun ... -m submission_runner``: standalone on one node, else a rendezvous."""
+    if rdzv_endpoint:
         prefix = [
             "torchrun",
-            f"--nnodes={settings.nnodes or 1}",
+            f"--nnodes={nnodes or 1}",
             f"--nproc_per_node={nproc}",
-            f"--rdzv_backend={settings.rdzv_backend or DEFAULT_RDZV_BACKEND}",
-            f"--rdzv_endpoint={settings.rdzv_endpoint}",
+            f"--rdzv_backend={rdzv_backend or DEFAULT_RDZV_BACKEND}",
+            f"--rdzv_endpoint={rdzv_endpoint}",
         ]
     else:
         prefix = ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={nproc}"]

@@ -38,7 +38,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from polyak.runner.commands import DATASET_OF_WORKLOAD, RUNNER_MODULE, SUBMISSION_NAMES
+from polyak.runner.commands import (
+    DATASET_OF_WORKLOAD,
+    RUNNER_MODULE,
+    SUBMISSION_NAMES,
+    torchrun_prefix,
+)
 from polyak.runner.errors import LaunchConfigError
 
 # startup.sh's short flags and their long names.
@@ -203,18 +208,12 @@ def submission_runner_command(
 
     if framework == "pytorch":
         count = nproc or int(args.get("--nproc_per_node") or 0) or count_gpus()
-        endpoint = args.get("--rdzv_endpoint")
-        if endpoint:
-            prefix = [
-                "torchrun",
-                f"--nnodes={args.get('--nnodes', '1')}",
-                f"--nproc_per_node={count}",
-                f"--rdzv_backend={args.get('--rdzv_backend', 'c10d')}",
-                f"--rdzv_endpoint={endpoint}",
-            ]
-        else:
-            prefix = ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={count}"]
-        prefix += ["-m", RUNNER_MODULE]
+        prefix = torchrun_prefix(
+            count,
+            args.get("--nnodes"),
+            args.get("--rdzv_backend"),
+            args.get("--rdzv_endpoint"),
+        )
     else:
         prefix = [python, "-m", RUNNER_MODULE]
     overwrite = args.flag("--overwrite", False)
