@@ -13,17 +13,11 @@ from pathlib import Path
 
 from absl import app, flags
 
-from polyak.algoperf.export import (
-    FRAMEWORKS,
-    OPTIMIZERS,
-    RULESETS,
-    ExportError,
-    ExportRequest,
-    export_submission,
-)
+from polyak.algoperf.export import ExportError, ExportRequest, export_submission
+from polyak.algoperf.submission_api import FRAMEWORKS, RULESETS, SUBMISSIONS
 from polyak.averaging.config import MODES
 
-flags.DEFINE_string("optimizer", "nadamw", f"One of {OPTIMIZERS}.")
+flags.DEFINE_string("optimizer", "nadamw", f"One of {SUBMISSIONS}.")
 flags.DEFINE_string("framework", "pytorch", f"One of {FRAMEWORKS}.")
 flags.DEFINE_string("averaging", "lawa", f"One of {MODES}.")
 flags.DEFINE_string("ruleset", "external", f"One of {RULESETS}.")

@@ -27,11 +27,8 @@ from pathlib import Path
 import yaml
 
 import polyak
+from polyak.algoperf.submission_api import FRAMEWORKS, RULESETS, SUBMISSIONS
 from polyak.averaging.config import MODES, TORCH_ONLY_MODES
-
-OPTIMIZERS: tuple[str, ...] = ("nadamw", "shampoo")
-FRAMEWORKS: tuple[str, ...] = ("pytorch", "jax")
-RULESETS: tuple[str, ...] = ("external", "self")
 
 VENDORED_PACKAGE = "polyak_vendored"
 PACKAGE_ROOT = Path(polyak.__file__).resolve().parent
@@ -63,7 +60,7 @@ class ExportRequest:
 
     def __post_init__(self) -> None:
         for field, value, choices in (
-            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("optimizer", self.optimizer, SUBMISSIONS),
             ("framework", self.framework, FRAMEWORKS),
             ("averaging", self.averaging, MODES),
             ("ruleset", self.ruleset, RULESETS),

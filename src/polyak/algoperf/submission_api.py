@@ -9,6 +9,11 @@ from typing import Any
 from polyak.algoperf import spec
 from polyak.algoperf.batch_sizes import get_batch_size
 
+# The submissions polyak ships, the frameworks each comes in, and AlgoPerf's rulesets.
+SUBMISSIONS: tuple[str, ...] = ("nadamw", "shampoo")
+FRAMEWORKS: tuple[str, ...] = ("pytorch", "jax")
+RULESETS: tuple[str, ...] = ("external", "self")
+
 
 def data_selection(
     workload: spec.Workload,

@@ -36,6 +36,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from polyak.algoperf.submission_api import RULESETS, SUBMISSIONS
 from polyak.averaging.config import MODES, TORCH_ONLY_MODES
 from polyak.runner.errors import (
     LaunchConfigError,
@@ -52,8 +53,6 @@ from polyak.runner.workload_table import (
 )
 
 LAUNCHERS: tuple[str, ...] = ("python", "torchrun", "docker")
-SUBMISSION_NAMES: tuple[str, ...] = ("nadamw", "shampoo")
-TUNING_RULESETS: tuple[str, ...] = ("external", "self")
 RUNNER_MODULE = "submission_runner"
 # The leaderboard's rules: 3 studies per workload; 5 trials per study under external
 # tuning, 1 under self-tuning (AlgoPerf's scoring/utils/run_workloads.py defaults).
@@ -138,9 +137,9 @@ class RunSettings:
             raise LaunchConfigError(
                 f"launcher={self.launcher!r}; expected one of {', '.join(LAUNCHERS)}"
             )
-        if self.tuning_ruleset not in TUNING_RULESETS:
+        if self.tuning_ruleset not in RULESETS:
             raise LaunchConfigError(
-                f"tuning_ruleset={self.tuning_ruleset!r}; expected one of {TUNING_RULESETS}"
+                f"tuning_ruleset={self.tuning_ruleset!r}; expected one of {RULESETS}"
             )
         if self.experiment_name is not None and (
             not self.experiment_name or self.experiment_name.startswith(("/", ".."))
@@ -211,7 +210,7 @@ def _is_importable_path(relative: Path) -> bool:
 
 def resolve_submission(submission: str, framework: str, repo_root: Path) -> str:
     """The repo-relative ``--submission_path`` for a submission name or file path."""
-    if submission in SUBMISSION_NAMES:
+    if submission in SUBMISSIONS:
         relative = Path("submissions", submission, framework, "submission.py")
         if not (repo_root / relative).is_file():
             raise UnknownSubmissionError(
@@ -222,7 +221,7 @@ def resolve_submission(submission: str, framework: str, repo_root: Path) -> str:
     absolute = candidate if candidate.is_absolute() else (repo_root / candidate)
     if not absolute.is_file() or absolute.suffix != ".py":
         raise UnknownSubmissionError(
-            f"submission {submission!r} is neither a name ({', '.join(SUBMISSION_NAMES)}) "
+            f"submission {submission!r} is neither a name ({', '.join(SUBMISSIONS)}) "
             "nor an existing .py file"
         )
     try:
@@ -243,7 +242,7 @@ def resolve_submission(submission: str, framework: str, repo_root: Path) -> str:
 
 def submission_label(submission: str) -> str:
     """A short name for a submission: the name itself, or the folder above the framework."""
-    if submission in SUBMISSION_NAMES:
+    if submission in SUBMISSIONS:
         return submission
     path = Path(submission)
     if path.parent.name in FRAMEWORKS and path.parent.parent.name:
@@ -297,7 +296,7 @@ def resolve_search_space(
         return None, None
     given = settings.tuning_search_space
     if not given:
-        if settings.submission not in SUBMISSION_NAMES:
+        if settings.submission not in SUBMISSIONS:
             raise LaunchConfigError(
                 f"submission {settings.submission!r} is a path: pass --tuning_search_space"
             )

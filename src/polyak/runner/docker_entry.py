@@ -38,12 +38,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from polyak.runner.commands import (
-    DATASET_OF_WORKLOAD,
-    RUNNER_MODULE,
-    SUBMISSION_NAMES,
-    torchrun_prefix,
-)
+from polyak.algoperf.submission_api import SUBMISSIONS
+from polyak.runner.commands import DATASET_OF_WORKLOAD, RUNNER_MODULE, torchrun_prefix
 from polyak.runner.errors import LaunchConfigError
 
 # startup.sh's short flags and their long names.
@@ -149,7 +145,7 @@ def count_gpus() -> int:
 
 
 def _submission_path(given: str, framework: str, repo_root: Path) -> str:
-    if given in SUBMISSION_NAMES:
+    if given in SUBMISSIONS:
         return f"submissions/{given}/{framework}/submission.py"
     path = Path(given)
     if path.is_absolute():
@@ -163,7 +159,7 @@ def _submission_path(given: str, framework: str, repo_root: Path) -> str:
     if not (repo_root / path).is_file():
         raise LaunchConfigError(
             f"--submission_path={given!r}: {repo_root / path} does not exist (names: "
-            f"{', '.join(SUBMISSION_NAMES)}, or a path relative to {repo_root})"
+            f"{', '.join(SUBMISSIONS)}, or a path relative to {repo_root})"
         )
     return path.as_posix()
 

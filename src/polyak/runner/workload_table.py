@@ -24,6 +24,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+from polyak.algoperf.submission_api import FRAMEWORKS
 from polyak.runner.errors import RunnerError, UnknownWorkloadError
 
 Direction = Literal["min", "max"]
@@ -39,7 +40,6 @@ ALGOPERF_WORKLOADS: tuple[str, ...] = (
     "ogbg",
     "wmt",
 )
-FRAMEWORKS: tuple[str, ...] = ("pytorch", "jax")
 # The current rules' scoring machine (v0.6's pinned docs still say 8x V100; later
 # AlgoPerf moved to 4 accelerators). Flags override both.
 DEFAULT_NUM_ACCELERATORS = 4

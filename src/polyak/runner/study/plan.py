@@ -8,13 +8,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from polyak.algoperf.submission_api import FRAMEWORKS, SUBMISSIONS
 from polyak.averaging.config import MODES, WINDOW_MODES
 from polyak.runner.commands import default_search_space, resolve_submission, submission_label
 from polyak.runner.embedded import TORCH_ONLY_MODES, EmbeddedRun
 from polyak.runner.errors import LaunchConfigError
 from polyak.runner.search_space import load_search_space
 from polyak.runner.submission_loader import load_submission_module
-from polyak.runner.workload_table import FRAMEWORKS
 from polyak.workloads import registry as embedded_registry
 
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
@@ -123,8 +123,8 @@ class StudySettings:
 
     # Question 1: time to target.
     workloads: tuple[str, ...] = ("digits", "diabetes")
-    submissions: tuple[str, ...] = ("nadamw", "shampoo")
-    frameworks: tuple[str, ...] = ("pytorch", "jax")
+    submissions: tuple[str, ...] = SUBMISSIONS
+    frameworks: tuple[str, ...] = FRAMEWORKS
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     # Chosen before any run: the grid's shortest horizons, the closest it has to the
     # paper's ν·L ≈ 1% of the budget, and the paper's β.
