@@ -27,17 +27,29 @@ evals come every ``--eval_every_steps`` (default: the workload's
 ``eval_period_steps``). Before the first timed run of each submission x
 framework x workload, an untimed warm-up (:class:`WarmUp`) absorbs the process's
 one-time compilation, so that the table's seconds compare like with like.
-Finished runs are skipped on resume. The
-suite ends by printing the time-to-target table and writing the report into
-``<experiment_dir>/<experiment_name>/report/``.
+Finished runs are skipped on resume. Each finished run's wall and CPU seconds go
+into its completion marker. While it runs, the suite prints one line per run with
+the elapsed time and an estimate of the time left.
+
+The suite ends by printing the steps-to-target table of :mod:`polyak.runner.steps_table`
+(median over seeds, hits per cell, ratios to ``none``, the seeds behind every
+figure), built from the planned runs only, and writing it as
+``steps_to_target.md`` and ``.csv`` into ``<experiment_dir>/<experiment_name>/``,
+with the time-to-target report in its ``report/`` folder.
+
+Defaults (the README's first command): both submissions, both frameworks,
+none / LAWA / EMA / TWA (TWA on PyTorch only), every registered embedded
+workload, :data:`DEFAULT_SEED_COUNT` seeds.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import shutil
+import statistics
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -51,13 +63,21 @@ from polyak.runner.commands import (
     resolve_submission,
     submission_label,
 )
-from polyak.runner.completion import is_finished, mark_finished
-from polyak.runner.errors import LaunchConfigError
+from polyak.runner.completion import EVAL_CSV, is_finished, mark_finished, read_marker
+from polyak.runner.errors import LaunchConfigError, ResultsFormatError
 from polyak.runner.report import ReportFiles, build_report
-from polyak.runner.results import TrialResult, WorkloadResult, aggregate, load_results
+from polyak.runner.results import TrialLocation, TrialResult, WorkloadResult, aggregate, load_trial
 from polyak.runner.search_space import load_search_space
+from polyak.runner.steps_table import (
+    SeedOutcome,
+    SeedRun,
+    StepsTable,
+    TableLayout,
+    build_steps_table,
+    format_duration,
+    write_steps_table,
+)
 from polyak.runner.submission_loader import load_submission_module
-from polyak.runner.tables import format_number, format_seconds, text_table
 from polyak.runner.workload_table import FRAMEWORKS, select_workloads
 from polyak.workloads import loop as local_loop
 from polyak.workloads import registry as embedded_registry
@@ -65,6 +85,11 @@ from polyak.workloads import registry as embedded_registry
 # TWA's fit on training batches exists only in the PyTorch backend
 # (polyak.averaging.twa); the runner's grids and the study read it from here.
 TORCH_ONLY_MODES: tuple[str, ...] = ("twa",)
+DEFAULT_SUBMISSIONS: tuple[str, ...] = ("nadamw", "shampoo")
+DEFAULT_AVERAGING: tuple[str, ...] = ("none", "lawa", "ema", "twa")
+# Sized so that the default grid fits in about 10 minutes on an idle 2-core machine:
+# the measured CPU seconds per seed of the whole grid are in the README's note.
+DEFAULT_SEED_COUNT = 3
 # Enough steps for every one-time cost of a kind of run: the first step, the first
 # collection (averaging_every=2) and the first swap to the average (an eval at step 3).
 WARM_UP_STEPS = 6
@@ -72,13 +97,26 @@ Emit = Callable[[str], None]
 RunKind = tuple[str, str, str]  # (submission, framework, workload)
 
 
+def _is_seed(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def seed_range(count: int, first: int = 0) -> tuple[int, ...]:
+    """``count`` consecutive seeds from ``first``: one study each."""
+    if not _is_seed(count) or count < 1:
+        raise LaunchConfigError(f"seeds={count!r}; expected the number of seeds, an integer >= 1")
+    if not _is_seed(first):
+        raise LaunchConfigError(f"first seed (rng_seed) {first!r}; expected an integer >= 0")
+    return tuple(range(first, first + count))
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbeddedSettings:
-    submissions: tuple[str, ...] = ("nadamw",)
+    submissions: tuple[str, ...] = DEFAULT_SUBMISSIONS
     frameworks: tuple[str, ...] = FRAMEWORKS
-    averaging: tuple[str, ...] = ("none", "lawa", "ema")
+    averaging: tuple[str, ...] = DEFAULT_AVERAGING
     workloads: str | tuple[str, ...] = "all"
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = seed_range(DEFAULT_SEED_COUNT)
     num_tuning_trials: int = 1
     tuning_search_space: str | None = None
     experiment_dir: str = "~/experiment_runs"
@@ -101,7 +139,12 @@ class EmbeddedSettings:
         if not self.submissions:
             raise LaunchConfigError("no submission given")
         if not self.seeds:
-            raise LaunchConfigError("no seed given")
+            raise LaunchConfigError("seeds is empty; give at least one seed")
+        bad_seeds = [s for s in self.seeds if not _is_seed(s)]
+        if bad_seeds:
+            raise LaunchConfigError(f"seeds {bad_seeds!r}; expected integers >= 0")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise LaunchConfigError(f"seeds {self.seeds!r} repeat; each seed is one study")
         for name in ("num_tuning_trials", "max_global_steps", "eval_every_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -135,11 +178,15 @@ class EmbeddedRun:
         """What a process compiles once: the optimizer's step for this workload."""
         return (self.submission, self.framework, self.workload)
 
+    @property
+    def study(self) -> str:
+        return f"seed_{self.seed}"
+
     def trial_dir(self, root: Path) -> Path:
         return (
             root
             / self.label
-            / f"seed_{self.seed}"
+            / self.study
             / f"{self.workload}_{self.framework}"
             / f"trial_{self.trial}"
         )
@@ -155,6 +202,8 @@ class EmbeddedOutcome:
     trials: tuple[TrialResult, ...]
     results: tuple[WorkloadResult, ...]
     report: ReportFiles | None
+    table: StepsTable | None = None
+    table_files: tuple[Path, ...] = ()
 
 
 def plan_runs(
@@ -236,6 +285,29 @@ class WarmUp:
         return time.monotonic() - started
 
 
+def use_jax_compilation_cache(directory: Path) -> bool:
+    """Lets every JAX trial of this process reuse the programs compiled by earlier ones.
+
+    The JAX builder jits its steps anew for every trial, so without a persistent
+    cache each run recompiles them (about 2 s of CPU per Shampoo run, more than
+    its steps) and the warm-up cannot absorb it. The cache stores the compiled
+    executables under ``directory`` (private to the user: JAX trusts what it
+    finds there); the programs and so the trajectories are the same. Process-wide,
+    and only effective before the process's first compilation; False when jax is
+    not installed.
+    """
+    try:
+        import jax
+    except ImportError:
+        return False
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    # The embedded programs compile in well under JAX's default 1 s threshold.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return True
+
+
 def run_one(
     run: EmbeddedRun,
     root: Path,
@@ -244,8 +316,13 @@ def run_one(
     loop: Any,
     settings: EmbeddedSettings,
     out: Emit,
-) -> None:
-    """Trains one cell into its trial folder and marks it finished; raises on failure."""
+) -> Any:
+    """Trains one cell into its trial folder and marks it finished; raises on failure.
+
+    Returns the loop's result. The marker records the run's wall and CPU seconds
+    (CPU seconds of the whole process, so they are what the run would take on an
+    otherwise idle machine, whatever else shares the cores).
+    """
     workload = registry.make_workload(run.workload, run.framework)
     module = load_submission_module(repo_root / run.submission_path)
     config = loop.LoopConfig(
@@ -258,6 +335,7 @@ def run_one(
     trial_path = run.trial_dir(root)
     resuming = trial_path.exists()
     trial_path.mkdir(parents=True, exist_ok=True)
+    wall_started, cpu_started = time.monotonic(), time.process_time()
     result = loop.run_training(
         workload,
         module,
@@ -279,7 +357,10 @@ def run_one(
         validation_target=result.validation_target,
         direction=result.direction,
         max_runtime_sec=float(workload.max_allowed_runtime_sec),
+        wall_seconds=time.monotonic() - wall_started,
+        cpu_seconds=time.process_time() - cpu_started,
     )
+    return result
 
 
 def report_failure(prefix: str, exc: Exception, out: Emit) -> None:
@@ -296,33 +377,51 @@ def run_embedded_suite(
     dry_run: bool = False,
     resume: bool = True,
     report: bool = True,
+    show_evals: bool = False,
     out: Emit = print,
     registry: Any = embedded_registry,
     loop: Any = local_loop,
 ) -> EmbeddedOutcome:
-    """Runs the grid (skipping finished cells), prints the table, writes the report.
+    """Runs the grid (skipping finished cells), prints the table, writes it and the report.
 
-    ``registry`` and ``loop`` are the embedded registry and the local loop, or stand-ins
-    with their ``make_workload`` / ``LoopConfig`` and ``run_training``.
+    ``show_evals`` prints the loop's line for every eval too. ``registry`` and ``loop``
+    are the embedded registry and the local loop, or stand-ins with their
+    ``EMBEDDED_WORKLOADS`` / ``make_workload`` and ``LoopConfig`` / ``run_training``.
     """
     repo = find_repo_root(repo_root)
     names = select_workloads(settings.workloads, tuple(registry.EMBEDDED_WORKLOADS))
     runs = plan_runs(settings, repo, names)
     root = settings.root
-    out(f"embedded suite: {len(runs)} run(s) into {root}")
-    grid = _Grid(settings, repo, registry, loop, WarmUp(repo, registry, loop), out)
-    statuses = [
-        grid.run_cell(f"[{index}/{len(runs)}] {run.describe()}", run, dry_run, resume)
-        for index, run in enumerate(runs, start=1)
-    ]
+    pending = [r for r in runs if not (resume and is_finished(r.trial_dir(root)))]
+    out(
+        f"embedded suite: {len(runs)} run(s) into {root} ({len(runs) - len(pending)} finished "
+        f"earlier); seeds {', '.join(map(str, settings.seeds))}; workloads {', '.join(names)}"
+    )
+    clock = SuiteClock()
+    grid = _Grid(settings, repo, registry, loop, WarmUp(repo, registry, loop), out, show_evals)
+    statuses = []
+    for index, run in enumerate(runs, start=1):
+        prefix = f"[{index}/{len(runs)}] {run.describe()}"
+        statuses.append(grid.run_cell(prefix, run, dry_run, resume, clock))
+        if statuses[-1] in ("finished", "failed"):
+            left = clock.seconds_left(runs[index:], grid.warm_up.warmed, root, resume)
+            out(f"    {clock.status(left)}")
     if dry_run or not root.is_dir():
         return EmbeddedOutcome(tuple(runs), tuple(statuses), (), (), None)
-    trials = load_results(root)
+    if clock.runs or clock.warm_ups:
+        out(clock.summary())
+    trials = planned_trials(runs, root, out)
     results = aggregate(trials)
+    table = build_steps_table(table_layout(settings, names), seed_runs(runs, root))
     out("")
-    out(embedded_table(results, runs))
+    out(table.text())
+    title = f"Embedded suite: {settings.experiment_name}"
+    table_files = write_steps_table(table, root, title)
+    out(f"\ntable: {table_files[0]} and {table_files[1].name}")
     files = _write_report(trials, runs, settings, out) if report and trials else None
-    return EmbeddedOutcome(tuple(runs), tuple(statuses), tuple(trials), tuple(results), files)
+    return EmbeddedOutcome(
+        tuple(runs), tuple(statuses), tuple(trials), tuple(results), files, table, table_files
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,8 +432,11 @@ class _Grid:
     loop: Any
     warm_up: WarmUp
     out: Emit
+    show_evals: bool
 
-    def run_cell(self, prefix: str, run: EmbeddedRun, dry_run: bool, resume: bool) -> str:
+    def run_cell(
+        self, prefix: str, run: EmbeddedRun, dry_run: bool, resume: bool, clock: SuiteClock
+    ) -> str:
         """One cell: skipped, planned (dry run), finished or failed."""
         root = self.settings.root
         trial_path = run.trial_dir(root)
@@ -349,20 +451,153 @@ class _Grid:
         try:
             warm_seconds = self.warm_up.before(run)
             if warm_seconds:
+                clock.record_warm_up(warm_seconds)
                 self.out(
                     f"{prefix}: warmed up {run.framework} {run.submission} on {run.workload} "
                     f"in {warm_seconds:.1f}s (untimed, discarded)"
                 )
-            self.out(f"{prefix}: running")
             started = time.monotonic()
-            run_one(run, root, self.repo, self.registry, self.loop, self.settings, self.out)
+            evals = self.out if self.show_evals else (lambda line: None)
+            result = run_one(run, root, self.repo, self.registry, self.loop, self.settings, evals)
         except KeyboardInterrupt:
             raise
         except Exception as exc:
             report_failure(prefix, exc, self.out)
             return "failed"
-        self.out(f"{prefix}: done in {time.monotonic() - started:.1f}s")
+        seconds = time.monotonic() - started
+        clock.record_run(run, seconds)
+        self.out(f"{prefix}: {_what_happened(run, root, result)} in {seconds:.1f}s")
         return "finished"
+
+
+def _what_happened(run: EmbeddedRun, root: Path, result: Any) -> str:
+    """The run as the table will score it, and where it stopped."""
+    outcome = seed_outcome(run, root)
+    stopped = getattr(result, "total_steps", None)
+    at = f", stopped at step {stopped}" if stopped is not None else ""
+    if outcome.hit:
+        return f"target at step {outcome.steps}{at}"
+    return f"no target ({outcome.status}{at})"
+
+
+@dataclasses.dataclass
+class SuiteClock:
+    """Elapsed time and the time left, from the seconds of the runs finished so far.
+
+    A pending run is estimated at the mean of the finished runs of its kind and
+    averaging mode (TWA's fits cost more than LAWA's sums), else of its kind, else
+    of every finished run; a kind not warmed up yet adds the mean warm-up.
+    """
+
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    runs: dict[tuple[RunKind, str], list[float]] = dataclasses.field(default_factory=dict)
+    warm_ups: list[float] = dataclasses.field(default_factory=list)
+    cpu_started: float = dataclasses.field(default_factory=time.process_time)
+
+    def record_run(self, run: EmbeddedRun, seconds: float) -> None:
+        self.runs.setdefault((run.kind, run.averaging), []).append(seconds)
+
+    def record_warm_up(self, seconds: float) -> None:
+        self.warm_ups.append(seconds)
+
+    def estimate(self, run: EmbeddedRun) -> float:
+        same_mode = self.runs.get((run.kind, run.averaging))
+        if same_mode:
+            return statistics.fmean(same_mode)
+        same_kind = [s for (kind, _), spent in self.runs.items() if kind == run.kind for s in spent]
+        if same_kind:
+            return statistics.fmean(same_kind)
+        every = [s for values in self.runs.values() for s in values]
+        return statistics.fmean(every) if every else 0.0
+
+    def seconds_left(
+        self, remaining: Sequence[EmbeddedRun], warmed: set[RunKind], root: Path, resume: bool
+    ) -> float | None:
+        """None until a run has finished (nothing to estimate from)."""
+        if not self.runs:
+            return None
+        to_run = [r for r in remaining if not (resume and is_finished(r.trial_dir(root)))]
+        unwarmed = {r.kind for r in to_run} - warmed
+        warm_up = statistics.fmean(self.warm_ups) if self.warm_ups else 0.0
+        return sum(self.estimate(r) for r in to_run) + warm_up * len(unwarmed)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def status(self, seconds_left: float | None) -> str:
+        left = "unknown" if seconds_left is None else f"about {format_duration(seconds_left)}"
+        return f"elapsed {format_duration(self.elapsed())}, left {left}"
+
+    def summary(self) -> str:
+        run_seconds = sum(s for values in self.runs.values() for s in values)
+        count = sum(len(values) for values in self.runs.values())
+        return (
+            f"\n{count} run(s) in {format_duration(run_seconds)} plus "
+            f"{len(self.warm_ups)} warm-up(s) in {format_duration(sum(self.warm_ups))}; "
+            f"elapsed {format_duration(self.elapsed())} "
+            f"(process CPU {format_duration(time.process_time() - self.cpu_started)})"
+        )
+
+
+def planned_trials(runs: Sequence[EmbeddedRun], root: Path, out: Emit) -> list[TrialResult]:
+    """The results of the planned runs that left readable measurements (nothing else).
+
+    A run that crashed before recording its target cannot be read; it is left out
+    of the report with a note (the table counts it as unfinished, a miss).
+    """
+    trials = []
+    for run in runs:
+        path = run.trial_dir(root)
+        if (path / EVAL_CSV).is_file():
+            location = TrialLocation(
+                run.label, run.study, run.workload, run.framework, run.trial, path
+            )
+            try:
+                trials.append(load_trial(location))
+            except ResultsFormatError as exc:
+                out(f"left out of the report: {exc}")
+    return trials
+
+
+def seed_outcome(run: EmbeddedRun, root: Path) -> SeedOutcome:
+    """A planned run as the table scores it: only a finished run can hit."""
+    path = run.trial_dir(root)
+    if not (path / EVAL_CSV).is_file():
+        return SeedOutcome(run.seed, "not run")
+    marker = read_marker(path)
+    if marker is None:
+        return SeedOutcome(run.seed, "unfinished")
+    seconds = float(marker.get("wall_seconds", math.nan))
+    trial = load_trial(
+        TrialLocation(run.label, run.study, run.workload, run.framework, run.trial, path)
+    )
+    if trial.hit and trial.steps_to_target is not None:
+        return SeedOutcome(run.seed, "hit", trial.steps_to_target, seconds)
+    return SeedOutcome(run.seed, "miss", seconds=seconds)
+
+
+def seed_runs(runs: Sequence[EmbeddedRun], root: Path) -> list[SeedRun]:
+    return [
+        SeedRun(
+            run.workload,
+            submission_label(run.submission),
+            run.framework,
+            run.averaging,
+            seed_outcome(run, root),
+        )
+        for run in runs
+    ]
+
+
+def table_layout(settings: EmbeddedSettings, workloads: Sequence[str]) -> TableLayout:
+    return TableLayout(
+        workloads=tuple(workloads),
+        optimizers=tuple(dict.fromkeys(submission_label(s) for s in settings.submissions)),
+        frameworks=settings.frameworks,
+        modes=settings.averaging,
+        seeds=settings.seeds,
+        only_on={mode: "pytorch" for mode in TORCH_ONLY_MODES},
+    )
 
 
 def _write_report(
@@ -378,34 +613,5 @@ def _write_report(
         title=f"Embedded suite: {settings.experiment_name}",
         baseline=baseline,
     )
-    out(f"\nreport: {files.markdown}")
+    out(f"report: {files.markdown}")
     return files
-
-
-def embedded_table(results: Sequence[WorkloadResult], runs: Sequence[EmbeddedRun]) -> str:
-    """workload | framework | submission | averaging | steps | seconds | best metric."""
-    split = {run.label: (submission_label(run.submission), run.averaging) for run in runs}
-    header = (
-        "workload",
-        "framework",
-        "submission",
-        "averaging",
-        "steps to target",
-        "seconds to target",
-        "best metric",
-    )
-    rows = []
-    for r in sorted(results, key=lambda r: (r.workload, r.framework, r.label)):
-        submission, averaging = split.get(r.label, (r.label, "?"))
-        rows.append(
-            (
-                r.workload,
-                r.framework,
-                submission,
-                averaging,
-                format_number(r.steps_to_target),
-                format_seconds(r.time_to_target),
-                format_number(r.best_metric),
-            )
-        )
-    return text_table(header, rows)
