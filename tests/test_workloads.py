@@ -134,8 +134,8 @@ def test_eval_batches_pad_with_zero_weights():
 
 
 def test_registry_names_and_errors():
-    assert EMBEDDED_WORKLOADS == ("digits", "diabetes")
-    with pytest.raises(UnknownWorkloadError, match=r"'mnist'.*digits, diabetes"):
+    assert EMBEDDED_WORKLOADS == ("digits", "diabetes", "textlm")
+    with pytest.raises(UnknownWorkloadError, match=r"'mnist'.*digits, diabetes, textlm"):
         make_workload("mnist", "jax")
     with pytest.raises(UnknownWorkloadError, match=r"'tensorflow'.*pytorch, jax"):
         make_workload("digits", "tensorflow")
@@ -197,7 +197,7 @@ def initialized(request):
 def test_targets_budgets_and_names(initialized):
     name, framework, workload, _, _ = initialized
     assert workload.workload_name == name and workload.framework == framework
-    expected_metric = {"digits": "accuracy", "diabetes": "mse"}[name]
+    expected_metric = {"digits": "loss", "diabetes": "mse"}[name]
     assert workload.target_metric_name == expected_metric
     assert (
         workload.loss_type
@@ -226,10 +226,10 @@ def test_targets_budgets_and_names(initialized):
 
 
 def test_has_reached_targets_direction(initialized):
-    name, _, workload, _, _ = initialized
+    _, _, workload, _, _ = initialized
     metric = workload.target_metric_name
     val, test = workload.validation_target_value, workload.test_target_value
-    better = 1 if name == "digits" else -1  # accuracy up, mse down
+    better = -1  # digits' cross-entropy and diabetes' mse: lower is better
 
     def result(v, t):
         return {f"validation/{metric}": v, f"test/{metric}": t}
@@ -239,7 +239,7 @@ def test_has_reached_targets_direction(initialized):
     assert not workload.has_reached_validation_target(result(val - better * 1e-3, 0.0))
     assert workload.has_reached_test_target(result(0.0, test + better * 1e-3))
     assert not workload.has_reached_test_target(result(0.0, test))
-    assert workload.target_direction == ("max" if name == "digits" else "min")
+    assert workload.target_direction == "min"
 
 
 def test_param_shapes_and_types_cover_every_parameter(initialized):
@@ -368,7 +368,11 @@ def test_eval_model_reports_algoperf_keys_and_correct_values(initialized):
     )
     logits = _to_numpy(logits)
     if name == "digits":
-        expected = float(np.mean(logits.argmax(axis=1) == split.targets))
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        expected = float(-np.mean(log_probabilities[np.arange(len(split.targets)), split.targets]))
+        accuracy = float(np.mean(logits.argmax(axis=1) == split.targets))
+        assert results["validation/accuracy"] == pytest.approx(accuracy, rel=1e-5)
     else:
         expected = float(np.mean((logits[:, 0] - split.targets) ** 2))
     assert results[f"validation/{metric}"] == pytest.approx(expected, rel=1e-5)

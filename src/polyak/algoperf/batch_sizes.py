@@ -22,6 +22,7 @@ ALGOPERF_BATCH_SIZES: dict[str, int] = {
 EMBEDDED_BATCH_SIZES: dict[str, int] = {
     "digits": 64,
     "diabetes": 32,
+    "textlm": 32,
 }
 
 BATCH_SIZES: dict[str, int] = {**ALGOPERF_BATCH_SIZES, **EMBEDDED_BATCH_SIZES}

@@ -13,11 +13,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # algoperf's spec imports both frameworks
     from polyak.algoperf import spec
 
-EMBEDDED_WORKLOADS: tuple[str, ...] = ("digits", "diabetes")
+EMBEDDED_WORKLOADS: tuple[str, ...] = ("digits", "diabetes", "textlm")
 FRAMEWORKS: tuple[str, ...] = ("pytorch", "jax")
 
 _MODULE_SUFFIX = {"pytorch": "torch", "jax": "jax"}
-_CLASS_NAMES = {"digits": "DigitsWorkload", "diabetes": "DiabetesWorkload"}
+_CLASS_NAMES = {
+    "digits": "DigitsWorkload",
+    "diabetes": "DiabetesWorkload",
+    "textlm": "TextLMWorkload",
+}
 
 
 class UnknownWorkloadError(ValueError):
