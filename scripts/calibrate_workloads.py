@@ -187,16 +187,28 @@ def _versions() -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
+    versions["polyak_commit"] = _git("rev-parse", "HEAD")
+    # Uncommitted changes to the code mean the commit alone does not reproduce the record.
+    changes = _git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        "src",
+        "submissions",
+        ":(exclude)src/polyak/workloads/calibration/*.json",  # the records being written
+    )
+    versions["polyak_uncommitted_changes"] = None if changes is None else bool(changes)
+    return versions
+
+
+def _git(*args: str) -> str | None:
     try:
-        versions["polyak_commit"] = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
+        return subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        versions["polyak_commit"] = None
-    return versions
+        return None
 
 
 def _jax_check(
