@@ -35,6 +35,7 @@ from polyak.runner.embedded import (
     DEFAULT_AVERAGING,
     DEFAULT_SEED_COUNT,
     DEFAULT_SUBMISSIONS,
+    DEFAULT_WORKERS,
     TORCH_ONLY_MODES,
     EmbeddedSettings,
     run_embedded_suite,
@@ -77,6 +78,12 @@ flags.DEFINE_integer(
     f"default {DEFAULT_SEED_COUNT} keeps the default run to about 10 minutes on 2 idle cores.",
 )
 flags.DEFINE_boolean("show_evals", False, "Embedded suite: print a line for every eval too.")
+flags.DEFINE_integer(
+    "workers",
+    DEFAULT_WORKERS,
+    "Embedded suite: processes training at once (default: the CPU cores, at most "
+    f"{DEFAULT_WORKERS}); each kind of run (submission x framework x workload) stays in one.",
+)
 flags.DEFINE_string("data_dir", "~/data", "AlgoPerf data root (<data_dir>/<dataset>).")
 flags.DEFINE_string("experiment_dir", "~/experiment_runs", "Root folder for all experiments.")
 flags.DEFINE_string("experiment_name", None, "Experiment name (default: the submission's name).")
@@ -132,14 +139,18 @@ def run_embedded() -> int:
         max_global_steps=FLAGS.max_global_steps,
         eval_every_steps=FLAGS.eval_every_steps,
     )
+    jax_cache = None
     if "jax" in settings.frameworks and not FLAGS.dry_run:
-        use_jax_compilation_cache(settings.root / "jax_compilation_cache")
+        jax_cache = settings.root / "jax_compilation_cache"
+        use_jax_compilation_cache(jax_cache)
     outcome = run_embedded_suite(
         settings,
         repo_root=FLAGS.repo_root,
         dry_run=FLAGS.dry_run,
         resume=not FLAGS.overwrite,
         show_evals=FLAGS.show_evals,
+        workers=FLAGS.workers,
+        jax_cache_dir=jax_cache,
     )
     return 1 if "failed" in outcome.statuses else 0
 

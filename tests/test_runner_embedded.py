@@ -616,7 +616,7 @@ def test_time_left_is_estimated_from_runs_of_the_same_kind_and_mode(tmp_path):
 
 
 def test_the_real_suite_on_a_tiny_setting_prints_every_column(tmp_path):
-    """Both frameworks, every mode, two seeds, four steps: the whole path, real code."""
+    """Both frameworks, every mode, two seeds, four steps, two workers: real code throughout."""
     repo_root = Path(__file__).resolve().parents[1]
     settings = EmbeddedSettings(
         submissions=("nadamw",),
@@ -630,8 +630,22 @@ def test_the_real_suite_on_a_tiny_setting_prints_every_column(tmp_path):
         eval_every_steps=2,
     )
     lines: list[str] = []
-    outcome = run_embedded_suite(settings, repo_root=repo_root, report=False, out=lines.append)
+    outcome = run_embedded_suite(
+        settings,
+        repo_root=repo_root,
+        report=False,
+        workers=2,
+        jax_cache_dir=tmp_path / "jax_cache",
+        out=lines.append,
+    )
     assert set(outcome.statuses) == {"finished"} and len(outcome.runs) == 2 * (4 + 3)
+    # Two worker processes, each kind warmed up once, a progress line after every run.
+    assert sum("warmed up" in line for line in lines) == 2
+    assert (
+        sum(re.fullmatch(r"\s*elapsed \S+, left about \S+", line) is not None for line in lines)
+        == 14
+    )
+    assert any(path.is_file() for path in (tmp_path / "jax_cache").rglob("*"))
     assert outcome.table is not None
     header = outcome.table.header()
     assert header == (
@@ -661,3 +675,14 @@ def test_the_real_suite_on_a_tiny_setting_prints_every_column(tmp_path):
         assert set(" ".join(seed_row[3:]).split()) <= {"miss", "–"}
     assert (settings.root / "steps_to_target.md").is_file()
     assert (settings.root / "steps_to_target.csv").is_file()
+
+
+def test_workers_need_importable_modules_and_a_positive_count(repo, tmp_path):
+    settings = EmbeddedSettings(submissions=("nadamw",), experiment_dir=str(tmp_path / "exp"))
+    for bad in (0, -1):
+        with pytest.raises(LaunchConfigError, match=f"workers={bad}; expected an integer >= 1"):
+            run_embedded_suite(
+                settings, repo_root=repo, workers=bad, registry=REGISTRY, loop=FakeLoop()
+            )
+    with pytest.raises(LaunchConfigError, match="importable modules"):
+        run_embedded_suite(settings, repo_root=repo, workers=2, registry=REGISTRY, loop=FakeLoop())

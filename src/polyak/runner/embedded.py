@@ -45,14 +45,19 @@ workload, :data:`DEFAULT_SEED_COUNT` seeds.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import importlib
+import inspect
 import math
+import multiprocessing
 import os
+import queue
 import shutil
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +95,8 @@ DEFAULT_AVERAGING: tuple[str, ...] = ("none", "lawa", "ema", "twa")
 # Sized so that the default grid fits in about 10 minutes on an idle 2-core machine:
 # the measured CPU seconds per seed of the whole grid are in the README's note.
 DEFAULT_SEED_COUNT = 3
+# One process per core: the embedded models are too small for intra-op threads to pay.
+DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))
 # Enough steps for every one-time cost of a kind of run: the first step, the first
 # collection (averaging_every=2) and the first swap to the average (an eval at step 3).
 WARM_UP_STEPS = 6
@@ -378,16 +385,23 @@ def run_embedded_suite(
     resume: bool = True,
     report: bool = True,
     show_evals: bool = False,
+    workers: int = 1,
+    jax_cache_dir: Path | None = None,
     out: Emit = print,
     registry: Any = embedded_registry,
     loop: Any = local_loop,
 ) -> EmbeddedOutcome:
     """Runs the grid (skipping finished cells), prints the table, writes it and the report.
 
-    ``show_evals`` prints the loop's line for every eval too. ``registry`` and ``loop``
-    are the embedded registry and the local loop, or stand-ins with their
-    ``EMBEDDED_WORKLOADS`` / ``make_workload`` and ``LoopConfig`` / ``run_training``.
+    ``show_evals`` prints the loop's line for every eval too. ``workers`` > 1 trains
+    in that many processes at once (:func:`run_in_workers`; ``jax_cache_dir`` is
+    then each worker's JAX compilation cache). ``registry`` and ``loop`` are the
+    embedded registry and the local loop, or stand-ins with their
+    ``EMBEDDED_WORKLOADS`` / ``make_workload`` and ``LoopConfig`` / ``run_training``
+    (importable modules when ``workers`` > 1).
     """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise LaunchConfigError(f"workers={workers!r}; expected an integer >= 1")
     repo = find_repo_root(repo_root)
     names = select_workloads(settings.workloads, tuple(registry.EMBEDDED_WORKLOADS))
     runs = plan_runs(settings, repo, names)
@@ -396,16 +410,26 @@ def run_embedded_suite(
     out(
         f"embedded suite: {len(runs)} run(s) into {root} ({len(runs) - len(pending)} finished "
         f"earlier); seeds {', '.join(map(str, settings.seeds))}; workloads {', '.join(names)}"
+        + (f"; {workers} worker processes" if workers > 1 and not dry_run else "")
     )
-    clock = SuiteClock()
-    grid = _Grid(settings, repo, registry, loop, WarmUp(repo, registry, loop), out, show_evals)
-    statuses = []
-    for index, run in enumerate(runs, start=1):
-        prefix = f"[{index}/{len(runs)}] {run.describe()}"
-        statuses.append(grid.run_cell(prefix, run, dry_run, resume, clock))
-        if statuses[-1] in ("finished", "failed"):
-            left = clock.seconds_left(runs[index:], grid.warm_up.warmed, root, resume)
-            out(f"    {clock.status(left)}")
+    clock = SuiteClock(workers=workers)
+    if workers > 1 and not dry_run:
+        if not (inspect.ismodule(registry) and inspect.ismodule(loop)):
+            raise LaunchConfigError(
+                f"workers={workers} needs the registry and the loop as importable modules "
+                "(worker processes import them by name); stand-ins run with workers=1"
+            )
+        job = _Job(settings, repo, registry.__name__, loop.__name__, resume, show_evals)
+        statuses = run_in_workers(job, runs, workers, clock, out, jax_cache_dir)
+    else:
+        grid = _Grid(settings, repo, registry, loop, WarmUp(repo, registry, loop), out, show_evals)
+        statuses = []
+        for index, run in enumerate(runs, start=1):
+            prefix = f"[{index}/{len(runs)}] {run.describe()}"
+            statuses.append(grid.run_cell(prefix, run, dry_run, resume, clock))
+            if statuses[-1] in ("finished", "failed"):
+                left = clock.seconds_left(runs[index:], grid.warm_up.warmed, root, resume)
+                out(f"    {clock.status(left)}")
     if dry_run or not root.is_dir():
         return EmbeddedOutcome(tuple(runs), tuple(statuses), (), (), None)
     if clock.runs or clock.warm_ups:
@@ -435,7 +459,12 @@ class _Grid:
     show_evals: bool
 
     def run_cell(
-        self, prefix: str, run: EmbeddedRun, dry_run: bool, resume: bool, clock: SuiteClock
+        self,
+        prefix: str,
+        run: EmbeddedRun,
+        dry_run: bool,
+        resume: bool,
+        clock: SuiteClock | _Forward,
     ) -> str:
         """One cell: skipped, planned (dry run), finished or failed."""
         root = self.settings.root
@@ -480,6 +509,145 @@ def _what_happened(run: EmbeddedRun, root: Path, result: Any) -> str:
     return f"no target ({outcome.status}{at})"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What every worker process needs to run cells (picklable: modules by name)."""
+
+    settings: EmbeddedSettings
+    repo: Path
+    registry_module: str
+    loop_module: str
+    resume: bool
+    show_evals: bool
+
+
+class _Forward:
+    """Stands in for the output and the clock inside a worker: sends events to the parent."""
+
+    def __init__(self, events: Any) -> None:
+        self.events = events
+        self.last_run_seconds = math.nan
+
+    def __call__(self, line: str) -> None:
+        self.events.put(("line", line))
+
+    def record_warm_up(self, seconds: float) -> None:
+        self.events.put(("warm_up", seconds))
+
+    def record_run(self, run: EmbeddedRun, seconds: float) -> None:
+        del run  # the "done" event that follows names the run and carries the seconds
+        self.last_run_seconds = seconds
+
+
+def _run_group(
+    job: _Job, group: Sequence[tuple[int, EmbeddedRun]], total: int, events: Any
+) -> None:
+    """In a worker: the runs of one kind, in plan order, after that kind's warm-up."""
+    registry = importlib.import_module(job.registry_module)
+    loop = importlib.import_module(job.loop_module)
+    forward = _Forward(events)
+    warm_up = WarmUp(job.repo, registry, loop)
+    grid = _Grid(job.settings, job.repo, registry, loop, warm_up, forward, job.show_evals)
+    for index, run in group:
+        forward.last_run_seconds = math.nan
+        status = grid.run_cell(
+            f"[{index}/{total}] {run.describe()}", run, False, job.resume, forward
+        )
+        events.put(("done", index, status, forward.last_run_seconds))
+
+
+def _start_worker(jax_cache_dir: Path | None) -> None:
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # the parent's setting, lost by spawn
+    if jax_cache_dir is not None:
+        use_jax_compilation_cache(jax_cache_dir)
+
+
+def run_in_workers(
+    job: _Job,
+    runs: Sequence[EmbeddedRun],
+    workers: int,
+    clock: SuiteClock,
+    out: Emit,
+    jax_cache_dir: Path | None,
+) -> list[str]:
+    """Trains the unfinished runs in ``workers`` processes; the statuses in plan order.
+
+    A task is every unfinished run of one kind (submission x framework x workload),
+    so each kind is warmed up once, in the process that runs it. Tasks start
+    longest first (by step_hint x runs), so the two ends of the grid finish
+    together. Workers report through a queue; this process prints their lines,
+    keeps the clock and prints the time left after every run.
+    """
+    root = job.settings.root
+    statuses = ["skipped"] * len(runs)
+    groups: dict[RunKind, list[tuple[int, EmbeddedRun]]] = {}
+    for index, run in enumerate(runs, start=1):
+        if job.resume and is_finished(run.trial_dir(root)):
+            out(f"[{index}/{len(runs)}] {run.describe()}: finished earlier, skipping")
+        else:
+            groups.setdefault(run.kind, []).append((index, run))
+    registry = importlib.import_module(job.registry_module)
+    step_hints = {kind: int(registry.make_workload(kind[2], kind[1]).step_hint) for kind in groups}
+    ordered = sorted(groups, key=lambda kind: -step_hints[kind] * len(groups[kind]))
+    remaining = {index: run for group in groups.values() for index, run in group}
+    started_kinds: set[RunKind] = set()  # warmed up: a run of theirs is done
+    context = multiprocessing.get_context("spawn")
+    with (
+        context.Manager() as manager,
+        concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(jax_cache_dir,),
+        ) as pool,
+    ):
+        events = manager.Queue()
+        futures = {
+            pool.submit(_run_group, job, groups[kind], len(runs), events): kind for kind in ordered
+        }
+        while remaining:
+            try:
+                event = events.get(timeout=1.0)
+            except queue.Empty:
+                _fail_crashed_groups(futures, groups, remaining, statuses, out)
+                continue
+            if event[0] == "line":
+                out(event[1])
+            elif event[0] == "warm_up":
+                clock.record_warm_up(event[1])
+            elif event[0] == "done":
+                _, index, status, seconds = event
+                run = remaining.pop(index)
+                statuses[index - 1] = status
+                started_kinds.add(run.kind)
+                if status == "finished":
+                    clock.record_run(run, seconds)
+                left = clock.seconds_left(list(remaining.values()), started_kinds, root, job.resume)
+                out(f"    {clock.status(left)}")
+    return statuses
+
+
+def _fail_crashed_groups(
+    futures: Mapping[concurrent.futures.Future[None], RunKind],
+    groups: Mapping[RunKind, Sequence[tuple[int, EmbeddedRun]]],
+    remaining: dict[int, EmbeddedRun],
+    statuses: list[str],
+    out: Emit,
+) -> None:
+    """A worker that died (not a run that failed: those are caught) fails its group's rest."""
+    for future, kind in futures.items():
+        if future.done() and future.exception() is not None:
+            for index, run in groups[kind]:
+                if remaining.pop(index, None) is not None:
+                    statuses[index - 1] = "failed"
+                    out(
+                        f"[{index}/{len(statuses)}] {run.describe()}: FAILED: worker "
+                        f"{type(future.exception()).__name__}: {future.exception()}"
+                    )
+
+
 @dataclasses.dataclass
 class SuiteClock:
     """Elapsed time and the time left, from the seconds of the runs finished so far.
@@ -489,10 +657,11 @@ class SuiteClock:
     of every finished run; a kind not warmed up yet adds the mean warm-up.
     """
 
+    workers: int = 1
     started: float = dataclasses.field(default_factory=time.monotonic)
     runs: dict[tuple[RunKind, str], list[float]] = dataclasses.field(default_factory=dict)
     warm_ups: list[float] = dataclasses.field(default_factory=list)
-    cpu_started: float = dataclasses.field(default_factory=time.process_time)
+    cpu_started: float = dataclasses.field(default_factory=lambda: _cpu_seconds())
 
     def record_run(self, run: EmbeddedRun, seconds: float) -> None:
         self.runs.setdefault((run.kind, run.averaging), []).append(seconds)
@@ -519,7 +688,8 @@ class SuiteClock:
         to_run = [r for r in remaining if not (resume and is_finished(r.trial_dir(root)))]
         unwarmed = {r.kind for r in to_run} - warmed
         warm_up = statistics.fmean(self.warm_ups) if self.warm_ups else 0.0
-        return sum(self.estimate(r) for r in to_run) + warm_up * len(unwarmed)
+        total = sum(self.estimate(r) for r in to_run) + warm_up * len(unwarmed)
+        return total / self.workers
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -535,8 +705,14 @@ class SuiteClock:
             f"\n{count} run(s) in {format_duration(run_seconds)} plus "
             f"{len(self.warm_ups)} warm-up(s) in {format_duration(sum(self.warm_ups))}; "
             f"elapsed {format_duration(self.elapsed())} "
-            f"(process CPU {format_duration(time.process_time() - self.cpu_started)})"
+            f"(CPU {format_duration(_cpu_seconds() - self.cpu_started)})"
         )
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished worker processes."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def planned_trials(runs: Sequence[EmbeddedRun], root: Path, out: Emit) -> list[TrialResult]:
