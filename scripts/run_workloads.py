@@ -6,7 +6,8 @@ Two suites:
   a grid of submissions x frameworks x averaging modes x workloads x seeds; prints the
   steps-to-target table (median over seeds, hits, ratios to no averaging, the seeds) and
   writes it with the report. No GPU, no datasets. With no flags: both submissions, both
-  frameworks, none/LAWA/EMA/TWA (TWA on PyTorch), every embedded workload, 3 seeds.
+  frameworks, none/LAWA/EMA/TWA (TWA on PyTorch), every embedded workload, 1 seed, 2 worker
+  processes (about 10 minutes on 2 idle cores).
 - ``--suite=algoperf``: the eight AlgoPerf workloads through AlgoPerf's own
   ``submission_runner`` (``--launcher=python|torchrun|docker``), one after another.
 
@@ -75,7 +76,8 @@ flags.DEFINE_integer(
     "seeds",
     DEFAULT_SEED_COUNT,
     "Embedded suite: how many seeds (one study each), from --rng_seed (default 0) on. The "
-    f"default {DEFAULT_SEED_COUNT} keeps the default run to about 10 minutes on 2 idle cores.",
+    f"default ({DEFAULT_SEED_COUNT}) keeps the default run to about 10 minutes on 2 idle cores; "
+    "each further seed adds about 7 minutes there.",
 )
 flags.DEFINE_boolean("show_evals", False, "Embedded suite: print a line for every eval too.")
 flags.DEFINE_integer(

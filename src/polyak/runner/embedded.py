@@ -93,8 +93,9 @@ TORCH_ONLY_MODES: tuple[str, ...] = ("twa",)
 DEFAULT_SUBMISSIONS: tuple[str, ...] = ("nadamw", "shampoo")
 DEFAULT_AVERAGING: tuple[str, ...] = ("none", "lawa", "ema", "twa")
 # Sized so that the default grid fits in about 10 minutes on an idle 2-core machine:
-# the measured CPU seconds per seed of the whole grid are in the README's note.
-DEFAULT_SEED_COUNT = 3
+# one seed of it costs about 870 CPU seconds (95% of them textlm's), 7-8 minutes with
+# two workers, so a second seed would not fit. --seeds=3 gives real medians.
+DEFAULT_SEED_COUNT = 1
 # One process per core: the embedded models are too small for intra-op threads to pay.
 DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))
 # Enough steps for every one-time cost of a kind of run: the first step, the first
