@@ -601,7 +601,7 @@ def test_time_left_is_estimated_from_runs_of_the_same_kind_and_mode(tmp_path):
         path = "submissions/nadamw/pytorch/submission.py"
         return EmbeddedRun("nadamw", path, "pytorch", averaging, workload, 0, 1, {})
 
-    clock = SuiteClock()
+    clock = SuiteClock(budgets={"a": 10.0, "b": 10.0, "c": 40.0})
     assert clock.seconds_left([run("a", "none")], set(), tmp_path, True) is None
     for averaging, seconds in (("none", 2.0), ("none", 4.0), ("lawa", 9.0)):
         clock.record_run(run("a", averaging), seconds)
@@ -609,10 +609,14 @@ def test_time_left_is_estimated_from_runs_of_the_same_kind_and_mode(tmp_path):
     clock.record_warm_up(5.0)
     warmed = {run("a", "none").kind, run("b", "none").kind}
     pending = [run("a", "none"), run("a", "twa"), run("c", "ema")]
-    # a/none: its own mean 3; a/twa: kind a's mean 5; c/ema: every run's mean 4, plus a
-    # warm-up (5) because kind c has not run yet.
-    assert clock.seconds_left(pending, warmed, tmp_path, True) == pytest.approx(3 + 5 + 4 + 5)
+    # a/none: its own mean 3; a/twa: kind a's mean 5; c/ema: every run's mean per budget
+    # second (2 + 4 + 9 + 1) / 4 / 10 times c's budget 40, plus a warm-up (5) because
+    # kind c has not run yet.
+    expected = 3 + 5 + (2 + 4 + 9 + 1) / 4 / 10 * 40 + 5
+    assert clock.seconds_left(pending, warmed, tmp_path, True) == pytest.approx(expected)
     assert "left about" in clock.status(17.0) and "left unknown" in clock.status(None)
+    shared = dataclasses.replace(clock, workers=2)
+    assert shared.seconds_left(pending, warmed, tmp_path, True) == pytest.approx(expected / 2)
 
 
 def test_the_real_suite_on_a_tiny_setting_prints_every_column(tmp_path):

@@ -413,7 +413,7 @@ def run_embedded_suite(
         f"earlier); seeds {', '.join(map(str, settings.seeds))}; workloads {', '.join(names)}"
         + (f"; {workers} worker processes" if workers > 1 and not dry_run else "")
     )
-    clock = SuiteClock(workers=workers)
+    clock = SuiteClock(workers=workers, budgets={} if dry_run else _budgets(registry, names))
     if workers > 1 and not dry_run:
         if not (inspect.ismodule(registry) and inspect.ismodule(loop)):
             raise LaunchConfigError(
@@ -577,8 +577,8 @@ def run_in_workers(
 
     A task is every unfinished run of one kind (submission x framework x workload),
     so each kind is warmed up once, in the process that runs it. Tasks start
-    longest first (by step_hint x runs), so the two ends of the grid finish
-    together. Workers report through a queue; this process prints their lines,
+    longest first (by the workload's time budget x runs), so that no long task is
+    left to run alone at the end. Workers report through a queue; this process prints their lines,
     keeps the clock and prints the time left after every run.
     """
     root = job.settings.root
@@ -589,9 +589,7 @@ def run_in_workers(
             out(f"[{index}/{len(runs)}] {run.describe()}: finished earlier, skipping")
         else:
             groups.setdefault(run.kind, []).append((index, run))
-    registry = importlib.import_module(job.registry_module)
-    step_hints = {kind: int(registry.make_workload(kind[2], kind[1]).step_hint) for kind in groups}
-    ordered = sorted(groups, key=lambda kind: -step_hints[kind] * len(groups[kind]))
+    ordered = sorted(groups, key=lambda kind: -clock.budgets.get(kind[2], 1.0) * len(groups[kind]))
     remaining = {index: run for group in groups.values() for index, run in group}
     started_kinds: set[RunKind] = set()  # warmed up: a run of theirs is done
     context = multiprocessing.get_context("spawn")
@@ -655,10 +653,14 @@ class SuiteClock:
 
     A pending run is estimated at the mean of the finished runs of its kind and
     averaging mode (TWA's fits cost more than LAWA's sums), else of its kind, else
-    of every finished run; a kind not warmed up yet adds the mean warm-up.
+    from every finished run scaled by the workloads' time budgets (``budgets``:
+    ``max_allowed_runtime_sec`` per workload, which sizes a workload's cost as
+    AlgoPerf does); a kind not warmed up yet adds the mean warm-up. With several
+    workers the total is shared among them.
     """
 
     workers: int = 1
+    budgets: Mapping[str, float] = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.monotonic)
     runs: dict[tuple[RunKind, str], list[float]] = dataclasses.field(default_factory=dict)
     warm_ups: list[float] = dataclasses.field(default_factory=list)
@@ -677,8 +679,14 @@ class SuiteClock:
         same_kind = [s for (kind, _), spent in self.runs.items() if kind == run.kind for s in spent]
         if same_kind:
             return statistics.fmean(same_kind)
-        every = [s for values in self.runs.values() for s in values]
-        return statistics.fmean(every) if every else 0.0
+        per_budget = [
+            seconds / self.budgets.get(kind[2], 1.0)
+            for (kind, _), spent in self.runs.items()
+            for seconds in spent
+        ]
+        if not per_budget:
+            return 0.0
+        return statistics.fmean(per_budget) * self.budgets.get(run.workload, 1.0)
 
     def seconds_left(
         self, remaining: Sequence[EmbeddedRun], warmed: set[RunKind], root: Path, resume: bool
@@ -708,6 +716,14 @@ class SuiteClock:
             f"elapsed {format_duration(self.elapsed())} "
             f"(CPU {format_duration(_cpu_seconds() - self.cpu_started)})"
         )
+
+
+def _budgets(registry: Any, workloads: Sequence[str]) -> dict[str, float]:
+    """Each workload's time budget, the suite's measure of how long its runs take."""
+    return {
+        name: float(registry.make_workload(name, "pytorch").max_allowed_runtime_sec)
+        for name in workloads
+    }
 
 
 def _cpu_seconds() -> float:
