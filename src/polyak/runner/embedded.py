@@ -31,6 +31,13 @@ Finished runs are skipped on resume. Each finished run's wall and CPU seconds go
 into its completion marker. While it runs, the suite prints one line per run with
 the elapsed time and an estimate of the time left.
 
+With ``workers`` > 1 the runs are spread over that many processes
+(:func:`run_in_workers`): one task per kind of run, so each kind is still warmed
+up once, longest tasks first. JAX jits every trial's steps anew, so the CLI gives
+every process a persistent compilation cache (:func:`use_jax_compilation_cache`)
+under the experiment folder; later trials then load the programs instead of
+compiling them.
+
 The suite ends by printing the steps-to-target table of :mod:`polyak.runner.steps_table`
 (median over seeds, hits per cell, ratios to ``none``, the seeds behind every
 figure), built from the planned runs only, and writing it as
@@ -39,7 +46,7 @@ with the time-to-target report in its ``report/`` folder.
 
 Defaults (the README's first command): both submissions, both frameworks,
 none / LAWA / EMA / TWA (TWA on PyTorch only), every registered embedded
-workload, :data:`DEFAULT_SEED_COUNT` seeds.
+workload, :data:`DEFAULT_SEED_COUNT` seed(s), :data:`DEFAULT_WORKERS` worker processes.
 """
 
 from __future__ import annotations
@@ -388,7 +395,7 @@ def run_embedded_suite(
     show_evals: bool = False,
     workers: int = 1,
     jax_cache_dir: Path | None = None,
-    out: Emit = print,
+    out: Emit = lambda line: print(line, flush=True),  # progress shows up in logs too
     registry: Any = embedded_registry,
     loop: Any = local_loop,
 ) -> EmbeddedOutcome:
