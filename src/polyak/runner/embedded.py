@@ -431,28 +431,39 @@ def run_embedded_suite(
         statuses = run_in_workers(job, runs, workers, clock, out, jax_cache_dir)
     else:
         grid = _Grid(settings, repo, registry, loop, WarmUp(repo, registry, loop), out, show_evals)
-        statuses = []
-        for index, run in enumerate(runs, start=1):
-            prefix = f"[{index}/{len(runs)}] {run.describe()}"
-            statuses.append(grid.run_cell(prefix, run, dry_run, resume, clock))
-            if statuses[-1] in ("finished", "failed"):
-                left = clock.seconds_left(runs[index:], grid.warm_up.warmed, root, resume)
-                out(f"    {clock.status(left)}")
+        statuses = grid.run_all(runs, dry_run, resume, clock)
     if dry_run or not root.is_dir():
         return EmbeddedOutcome(tuple(runs), tuple(statuses), (), (), None)
     if clock.runs or clock.warm_ups:
         out(clock.summary())
+    return _conclude(settings, names, runs, statuses, report, out)
+
+
+def _conclude(
+    settings: EmbeddedSettings,
+    workloads: Sequence[str],
+    runs: Sequence[EmbeddedRun],
+    statuses: Sequence[str],
+    report: bool,
+    out: Emit,
+) -> EmbeddedOutcome:
+    """The table (printed and written) and the report, from the planned runs on disk."""
+    root = settings.root
     trials = planned_trials(runs, root, out)
-    results = aggregate(trials)
-    table = build_steps_table(table_layout(settings, names), seed_runs(runs, root))
+    table = build_steps_table(table_layout(settings, workloads), seed_runs(runs, root))
     out("")
     out(table.text())
-    title = f"Embedded suite: {settings.experiment_name}"
-    table_files = write_steps_table(table, root, title)
+    table_files = write_steps_table(table, root, f"Embedded suite: {settings.experiment_name}")
     out(f"\ntable: {table_files[0]} and {table_files[1].name}")
     files = _write_report(trials, runs, settings, out) if report and trials else None
     return EmbeddedOutcome(
-        tuple(runs), tuple(statuses), tuple(trials), tuple(results), files, table, table_files
+        tuple(runs),
+        tuple(statuses),
+        tuple(trials),
+        tuple(aggregate(trials)),
+        files,
+        table,
+        table_files,
     )
 
 
@@ -465,6 +476,21 @@ class _Grid:
     warm_up: WarmUp
     out: Emit
     show_evals: bool
+
+    def run_all(
+        self, runs: Sequence[EmbeddedRun], dry_run: bool, resume: bool, clock: SuiteClock
+    ) -> list[str]:
+        """Every cell in plan order, with the time left after each one that ran."""
+        statuses = []
+        for index, run in enumerate(runs, start=1):
+            prefix = f"[{index}/{len(runs)}] {run.describe()}"
+            statuses.append(self.run_cell(prefix, run, dry_run, resume, clock))
+            if statuses[-1] in ("finished", "failed"):
+                left = clock.seconds_left(
+                    runs[index:], self.warm_up.warmed, self.settings.root, resume
+                )
+                self.out(f"    {clock.status(left)}")
+        return statuses
 
     def run_cell(
         self,
