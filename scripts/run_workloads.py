@@ -7,7 +7,7 @@ Two suites:
   steps-to-target table (median over seeds, hits, ratios to no averaging, the seeds) and
   writes it with the report. No GPU, no datasets. With no flags: both submissions, both
   frameworks, none/LAWA/EMA/TWA (TWA on PyTorch), every embedded workload, 1 seed, 2 worker
-  processes (about 10 minutes on 2 idle cores).
+  processes (about 6.5 minutes of 2 idle cores; each further seed about 6 more).
 - ``--suite=algoperf``: the eight AlgoPerf workloads through AlgoPerf's own
   ``submission_runner`` (``--launcher=python|torchrun|docker``), one after another.
 
@@ -77,7 +77,7 @@ flags.DEFINE_integer(
     DEFAULT_SEED_COUNT,
     "Embedded suite: how many seeds (one study each), from --rng_seed (default 0) on. The "
     f"default ({DEFAULT_SEED_COUNT}) keeps the default run to about 10 minutes on 2 idle cores; "
-    "each further seed adds about 7 minutes there.",
+    "each further seed adds about 6 minutes there.",
 )
 flags.DEFINE_boolean("show_evals", False, "Embedded suite: print a line for every eval too.")
 flags.DEFINE_integer(

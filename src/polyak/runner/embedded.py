@@ -99,9 +99,11 @@ from polyak.workloads import registry as embedded_registry
 TORCH_ONLY_MODES: tuple[str, ...] = ("twa",)
 DEFAULT_SUBMISSIONS: tuple[str, ...] = ("nadamw", "shampoo")
 DEFAULT_AVERAGING: tuple[str, ...] = ("none", "lawa", "ema", "twa")
-# Sized so that the default grid fits in about 10 minutes on an idle 2-core machine:
-# one seed of it costs about 870 CPU seconds (95% of them textlm's), 7-8 minutes with
-# two workers, so a second seed would not fit. --seeds=3 gives real medians.
+# Sized so that the default grid fits in about 10 minutes on an idle 2-core machine.
+# Measured (CPU seconds, whose sum is what two idle cores share): one seed's 42 runs
+# took 700 s, 90% of them textlm's, plus about 85 s of warm-ups and start-up: about
+# 6.5 minutes with two workers. Each further seed adds about 6 minutes, so two would
+# take about 12 and three about 18; --seeds=3 gives medians.
 DEFAULT_SEED_COUNT = 1
 # One process per core: the embedded models are too small for intra-op threads to pay.
 DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))
