@@ -7,7 +7,7 @@ Two suites:
   steps-to-target table (median over seeds, hits, ratios to no averaging, the seeds) and
   writes it with the report. No GPU, no datasets. With no flags: both submissions, both
   frameworks, none/LAWA/EMA/TWA (TWA on PyTorch), every embedded workload, 1 seed, 2 worker
-  processes (about 6.5 minutes of 2 idle cores; each further seed about 6 more).
+  processes (about 6 minutes of 2 idle cores; each further seed about 6 more).
 - ``--suite=algoperf``: the eight AlgoPerf workloads through AlgoPerf's own
   ``submission_runner`` (``--launcher=python|torchrun|docker``), one after another.
 

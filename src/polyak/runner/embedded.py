@@ -101,9 +101,10 @@ DEFAULT_SUBMISSIONS: tuple[str, ...] = ("nadamw", "shampoo")
 DEFAULT_AVERAGING: tuple[str, ...] = ("none", "lawa", "ema", "twa")
 # Sized so that the default grid fits in about 10 minutes on an idle 2-core machine.
 # Measured (CPU seconds, whose sum is what two idle cores share): one seed's 42 runs
-# took 700 s, 90% of them textlm's, plus about 85 s of warm-ups and start-up: about
-# 6.5 minutes with two workers. Each further seed adds about 6 minutes, so two would
-# take about 12 and three about 18; --seeds=3 gives medians.
+# took 670-700 s, 90% of them textlm's, plus 70-85 s of warm-ups and start-up: about
+# 6 minutes with two workers (8 minutes of wall time with other jobs on the machine,
+# load average 2-5). Each further seed adds about 6 minutes, so two would take about
+# 12 and three about 18; --seeds=3 gives medians.
 DEFAULT_SEED_COUNT = 1
 # One process per core: the embedded models are too small for intra-op threads to pay.
 DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))
