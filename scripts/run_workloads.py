@@ -30,14 +30,21 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from polyak.averaging.config import MODES
-from polyak.runner.commands import LAUNCHERS, RunSettings
+from polyak.averaging.config import MODES, TORCH_ONLY_MODES
+from polyak.runner.commands import (
+    DEFAULT_ACCELERATOR_TYPE,
+    DEFAULT_NUM_ACCELERATORS,
+    DEFAULT_NUM_STUDIES,
+    LAUNCHERS,
+    RunSettings,
+    finalize_settings,
+    find_repo_root,
+)
 from polyak.runner.embedded import (
     DEFAULT_AVERAGING,
     DEFAULT_SEED_COUNT,
     DEFAULT_SUBMISSIONS,
     DEFAULT_WORKERS,
-    TORCH_ONLY_MODES,
     EmbeddedSettings,
     run_embedded_suite,
     seed_range,
@@ -70,7 +77,17 @@ flags.DEFINE_string(
     "Search-space JSON; default tuning_search_spaces/<submission>.json.",
 )
 flags.DEFINE_enum("tuning_ruleset", "external", ["external", "self"], "AlgoPerf tuning ruleset.")
-flags.DEFINE_integer("num_tuning_trials", 1, "Hyperparameter points (trials) per workload.")
+flags.DEFINE_integer(
+    "num_tuning_trials",
+    None,
+    "Hyperparameter points (trials) per study and workload (default: 5 under external "
+    "tuning, 1 under self-tuning, as the leaderboard scores; the embedded suite: 1).",
+)
+flags.DEFINE_integer(
+    "num_studies",
+    DEFAULT_NUM_STUDIES,
+    "AlgoPerf suite: studies per workload, each with its own seed (the leaderboard scores 3).",
+)
 flags.DEFINE_integer("rng_seed", None, "RNG seed passed to AlgoPerf (embedded: the first seed).")
 flags.DEFINE_integer(
     "seeds",
@@ -88,12 +105,18 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_string("data_dir", "~/data", "AlgoPerf data root (<data_dir>/<dataset>).")
 flags.DEFINE_string("experiment_dir", "~/experiment_runs", "Root folder for all experiments.")
-flags.DEFINE_string("experiment_name", None, "Experiment name (default: the submission's name).")
+flags.DEFINE_string(
+    "experiment_name",
+    None,
+    "Experiment name (default: embedded; AlgoPerf suite: <submission>_<search space>).",
+)
 flags.DEFINE_integer("max_global_steps", None, "Stop each trial after this many steps.")
 flags.DEFINE_integer("eval_every_steps", None, "Embedded suite: steps between evals.")
 flags.DEFINE_boolean("dry_run", False, "Print the exact commands and run nothing.")
 flags.DEFINE_enum("launcher", "python", list(LAUNCHERS), "How to start submission_runner.")
-flags.DEFINE_integer("nproc_per_node", None, "torchrun processes per node (default 8).")
+flags.DEFINE_integer(
+    "nproc_per_node", None, "torchrun processes per node (default: --num_accelerators)."
+)
 flags.DEFINE_integer("nnodes", None, "torchrun nodes (multi-node needs --rdzv_endpoint).")
 flags.DEFINE_string("rdzv_endpoint", None, "torchrun rendezvous HOST:PORT (multi-node).")
 flags.DEFINE_string("rdzv_backend", None, "torchrun rendezvous backend (default c10d).")
@@ -103,7 +126,14 @@ flags.DEFINE_string(
 flags.DEFINE_boolean("smoke", False, "AlgoPerf suite: a few steps per workload on synthetic data.")
 flags.DEFINE_integer("smoke_steps", 2, "Steps per workload in --smoke mode.")
 flags.DEFINE_boolean("report", False, "AlgoPerf suite: write the report after the runs.")
-flags.DEFINE_integer("num_accelerators", None, "Accelerators per run, for accelerator-hours.")
+flags.DEFINE_integer(
+    "num_accelerators",
+    DEFAULT_NUM_ACCELERATORS,
+    "Accelerators per run (the current rules' count), for torchrun and accelerator-hours.",
+)
+flags.DEFINE_string(
+    "accelerator_type", DEFAULT_ACCELERATOR_TYPE, "Accelerator type named in the report."
+)
 flags.DEFINE_boolean("overwrite", False, "Start over instead of resuming finished/partial runs.")
 flags.DEFINE_string("repo_root", None, "The polyak checkout (default: current directory).")
 FLAGS = flags.FLAGS
@@ -134,7 +164,7 @@ def run_embedded() -> int:
         averaging=tuple(_split(FLAGS.averaging)),
         workloads=FLAGS.workloads,
         seeds=_seeds(),
-        num_tuning_trials=FLAGS.num_tuning_trials,
+        num_tuning_trials=FLAGS.num_tuning_trials or 1,
         tuning_search_space=FLAGS.tuning_search_space,
         experiment_dir=FLAGS.experiment_dir,
         experiment_name=FLAGS.experiment_name or "embedded",
@@ -165,15 +195,26 @@ def _algoperf_settings() -> RunSettings:
     submissions = _split(FLAGS.submission or "nadamw")
     if len(submissions) != 1:
         raise RunnerError(f"--submission={FLAGS.submission!r}; the algoperf suite takes one")
-    return RunSettings(
+    averaging = None
+    if FLAGS["averaging"].present:
+        modes = _split(FLAGS.averaging)
+        if len(modes) != 1:
+            raise RunnerError(
+                f"--averaging={FLAGS.averaging!r}; the algoperf suite runs one averaging mode "
+                "per experiment (its search space), so give one"
+            )
+        averaging = modes[0]
+    settings = RunSettings(
         framework=FLAGS.framework,
         submission=submissions[0],
         data_dir=FLAGS.data_dir,
         experiment_dir=FLAGS.experiment_dir,
-        experiment_name=FLAGS.experiment_name or submissions[0].split("/")[-1].removesuffix(".py"),
+        experiment_name=FLAGS.experiment_name,
         tuning_search_space=FLAGS.tuning_search_space,
         tuning_ruleset=FLAGS.tuning_ruleset,
         num_tuning_trials=FLAGS.num_tuning_trials,
+        num_studies=FLAGS.num_studies,
+        averaging=averaging,
         rng_seed=FLAGS.rng_seed,
         max_global_steps=FLAGS.max_global_steps,
         launcher=FLAGS.launcher,
@@ -183,14 +224,17 @@ def _algoperf_settings() -> RunSettings:
         rdzv_backend=FLAGS.rdzv_backend,
         docker_image=FLAGS.docker_image,
         python=sys.executable if FLAGS.launcher == "python" else "python",
+        num_accelerators=FLAGS.num_accelerators,
+        accelerator_type=FLAGS.accelerator_type,
     )
+    return finalize_settings(settings, find_repo_root(FLAGS.repo_root))
 
 
 def _default_accelerators(settings: RunSettings) -> int:
     """PyTorch under plain python uses one GPU; JAX and torchrun use the whole node."""
     if settings.framework == "pytorch" and settings.launcher == "python":
         return 1
-    return (settings.nproc_per_node or 8) * (settings.nnodes or 1)
+    return (settings.nproc_per_node or settings.num_accelerators) * (settings.nnodes or 1)
 
 
 def run_algoperf() -> int:
@@ -225,12 +269,13 @@ def run_algoperf() -> int:
         experiment = f"{root.experiment_dir}/{root.experiment_name}"
         trials = load_results(experiment)
         if trials:
-            num = FLAGS.num_accelerators or _default_accelerators(settings)
+            num = _default_accelerators(settings)
             files = build_report(
                 trials,
                 f"{experiment}/report",
                 title=f"AlgoPerf: {settings.experiment_name}",
                 num_accelerators=num,
+                accelerator_type=settings.accelerator_type,
             )
             print(f"report: {files.markdown}")
         else:

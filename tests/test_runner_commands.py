@@ -439,3 +439,27 @@ def test_docker_forwards_overwrite_and_multi_node(repo, tmp_path):
     argv = list(build_plan("ogbg", settings, repo, resume=False).argv)
     assert f"{outside.resolve()}:/search_spaces/mine.json:ro" in argv
     assert argv[argv.index("-t") + 1] == "/search_spaces/mine.json"
+
+
+def test_the_cli_picks_the_averaging_search_space_and_names_the_experiment(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_workloads.py"
+    common = ["--suite=algoperf", "--workloads=ogbg", "--framework=pytorch", "--dry_run"]
+    common += [f"--experiment_dir={tmp_path}"]
+    result = subprocess.run(
+        [sys.executable, str(script), *common, "--averaging=ema"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--tuning_search_space=tuning_search_spaces/nadamw_ema.json" in result.stdout
+    assert "--experiment_name=nadamw_nadamw_ema/study_0" in result.stdout
+    assert "--experiment_name=nadamw_nadamw_ema/study_2" in result.stdout  # three studies
+    refused = subprocess.run(
+        [sys.executable, str(script), *common, "--averaging=lawa,ema"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 2
+    assert "one averaging mode" in refused.stderr

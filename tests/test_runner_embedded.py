@@ -475,6 +475,10 @@ def test_dry_run_and_bad_inputs(repo, tmp_path):
         EmbeddedSettings(averaging=("swa",))
     with pytest.raises(LaunchConfigError, match="frameworks"):
         EmbeddedSettings(frameworks=("mxnet",))
+    for framework in ("pytorch", "jax"):  # a submission that exists, without a search space
+        folder = repo / "submissions" / "shampoo" / framework
+        folder.mkdir(parents=True)
+        (folder / "submission.py").write_text(SUBMISSION_SOURCE)
     with pytest.raises(SearchSpaceError, match=r"shampoo\.json"):
         run_embedded_suite(
             EmbeddedSettings(submissions=("shampoo",)),
@@ -690,3 +694,29 @@ def test_workers_need_importable_modules_and_a_positive_count(repo, tmp_path):
             )
     with pytest.raises(LaunchConfigError, match="importable modules"):
         run_embedded_suite(settings, repo_root=repo, workers=2, registry=REGISTRY, loop=FakeLoop())
+
+
+def test_unknown_submissions_and_empty_grids_are_named(repo, tmp_path):
+    from polyak.runner.errors import UnknownSubmissionError
+
+    with pytest.raises(UnknownSubmissionError, match="'adamw' is neither a name"):
+        run_embedded_suite(
+            EmbeddedSettings(submissions=("adamw",), experiment_dir=str(tmp_path)),
+            repo_root=repo,
+            registry=REGISTRY,
+            loop=FakeLoop(),
+            out=lambda line: None,
+        )
+    with pytest.raises(LaunchConfigError, match="no run selected: averaging=twa"):
+        run_embedded_suite(
+            EmbeddedSettings(
+                submissions=("nadamw",),
+                frameworks=("jax",),
+                averaging=("twa",),
+                experiment_dir=str(tmp_path),
+            ),
+            repo_root=repo,
+            registry=REGISTRY,
+            loop=FakeLoop(),
+            out=lambda line: None,
+        )

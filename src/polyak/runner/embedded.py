@@ -68,7 +68,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from polyak.averaging.config import MODES
+from polyak.averaging.config import MODES, TORCH_ONLY_MODES
 from polyak.runner.commands import (
     default_search_space,
     find_repo_root,
@@ -96,7 +96,7 @@ from polyak.workloads import registry as embedded_registry
 
 # TWA's fit on training batches exists only in the PyTorch backend
 # (polyak.averaging.twa); the runner's grids and the study read it from here.
-TORCH_ONLY_MODES: tuple[str, ...] = ("twa",)
+
 DEFAULT_SUBMISSIONS: tuple[str, ...] = ("nadamw", "shampoo")
 DEFAULT_AVERAGING: tuple[str, ...] = ("none", "lawa", "ema", "twa")
 # Sized so that the default grid fits in about 10 minutes on an idle 2-core machine.
@@ -230,13 +230,15 @@ def plan_runs(
     """The grid, in a fixed order; validates submissions and search spaces up front."""
     runs = []
     for submission in settings.submissions:
+        # The submission is named before its search space is looked for.
+        paths = {fw: resolve_submission(submission, fw, repo_root) for fw in settings.frameworks}
         given = settings.tuning_search_space or default_search_space(submission)
         space_path = Path(os.path.expanduser(given))
         space = load_search_space(
             space_path if space_path.is_absolute() else repo_root / space_path
         )
         for framework in settings.frameworks:
-            path = resolve_submission(submission, framework, repo_root)
+            path = paths[framework]
             for averaging in settings.averaging:
                 if averaging in TORCH_ONLY_MODES and framework != "pytorch":
                     continue
@@ -256,6 +258,12 @@ def plan_runs(
                                     hyperparameters={**point, "averaging": averaging},
                                 )
                             )
+    if not runs:
+        raise LaunchConfigError(
+            f"no run selected: averaging={','.join(settings.averaging)} with "
+            f"frameworks={','.join(settings.frameworks)} leaves nothing to run "
+            f"({', '.join(TORCH_ONLY_MODES)}: PyTorch only)"
+        )
     return runs
 
 
