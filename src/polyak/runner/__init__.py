@@ -15,7 +15,8 @@ Modules, one concept each:
 - ``tables``: Markdown, CSV, terminal tables, PNG bytes and number formats (report and study).
 - ``report``: Markdown/CSV tables and PNG plots.
 - ``embedded``: the CPU suite on the embedded workloads through the local loop, with its
-  untimed warm-up.
+  untimed warm-up and worker processes.
+- ``steps_table``: the suite's steps-to-target table over seeds (medians, misses, ratios).
 - ``study``: the averaging study (a package: plan, records, analysis, prose, plots, page, run).
 - ``submission_loader``: importing a submission file by path, as AlgoPerf does.
 - ``smoke``: a few steps of each real AlgoPerf workload on synthetic batches.
