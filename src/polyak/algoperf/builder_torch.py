@@ -157,7 +157,10 @@ def build_submission(
             averager.swap_in_average(fit_context=fit_context)
             return optimizer_state, current_param_container, model_state
         start = time.perf_counter()
-        score_fn = _selection_loss_fn(workload, model_state, rng)
+        # The loss the eval computes: eval mode, no label smoothing.
+        score_fn = _frozen_loss_fn(
+            workload, model_state, rng, mode=spec.ForwardPassMode.EVAL, label_smoothing=0.0
+        )
         live_loss = averager.score(score_fn)
         swap_start = time.perf_counter()
         averager.swap_in_average(fit_context=fit_context)
@@ -213,11 +216,16 @@ def _training_loss(
     return summed_loss / n_valid, new_model_state
 
 
-def _selection_loss_fn(
-    workload: spec.Workload, model_state: Any, rng: Any
+def _frozen_loss_fn(
+    workload: spec.Workload,
+    model_state: Any,
+    rng: Any,
+    *,
+    mode: spec.ForwardPassMode,
+    label_smoothing: float,
 ) -> Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]:
-    """The loss the eval computes (eval mode, no label smoothing), summed over
-    the ranks so that every rank makes the same choice."""
+    """A module's loss on a batch with BatchNorm statistics frozen and no dropout,
+    summed over the ranks so that every rank sees the same value."""
 
     def loss_fn(module: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         loss, _ = _training_loss(
@@ -226,10 +234,10 @@ def _selection_loss_fn(
             model_state,
             batch,
             rng,
-            mode=spec.ForwardPassMode.EVAL,
+            mode=mode,
             update_batch_norm=False,
             dropout_rate=0.0,
-            label_smoothing=0.0,
+            label_smoothing=label_smoothing,
         )
         return loss
 
@@ -253,20 +261,9 @@ def _twa_fit_context(
     forward pass that updates BatchNorm statistics for their recomputation."""
 
     def loss_with(smoothing: float) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
-        def loss_fn(module: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-            loss, _ = _training_loss(
-                workload,
-                module,
-                model_state,
-                batch,
-                rng,
-                update_batch_norm=False,
-                dropout_rate=0.0,
-                label_smoothing=smoothing,
-            )
-            return loss
-
-        return loss_fn
+        return _frozen_loss_fn(
+            workload, model_state, rng, mode=spec.ForwardPassMode.TRAIN, label_smoothing=smoothing
+        )
 
     def forward_fn(module: torch.nn.Module, batch: dict[str, Any]) -> Any:
         return workload.model_fn(
