@@ -412,13 +412,31 @@ def render_markdown(
     output_dir: Path,
     accelerator_type: str = "",
 ) -> str:
+    """The report page: warnings first, then the rule, the tables and the plots."""
     parts = [f"# {title}", ""]
+    parts += _warnings_section(comparisons)
+    parts += _time_to_target_section(results)
+    for comparison in comparisons:
+        parts += _comparison_section(comparison, num_accelerators, accelerator_type)
+    parts += _trials_section(trials)
+    parts += _plots_section(plots, output_dir)
+    return "\n".join(parts)
+
+
+def _warnings_section(comparisons: Sequence[Comparison]) -> list[str]:
     warnings = [w for c in comparisons for w in c.warnings]
-    if warnings:
-        parts += ["## WARNING: not a leaderboard-grade score", ""]
-        parts += [f"> **WARNING** {w}  " for w in warnings]
-        parts.append("")
-    parts += [
+    if not warnings:
+        return []
+    return [
+        "## WARNING: not a leaderboard-grade score",
+        "",
+        *(f"> **WARNING** {w}  " for w in warnings),
+        "",
+    ]
+
+
+def _time_to_target_section(results: Sequence[WorkloadResult]) -> list[str]:
+    return [
         "Time to target follows AlgoPerf's rule: the first eval whose validation metric "
         "reaches the target (`<=` for minimised metrics, `>=` for maximised ones), in "
         "accumulated submission time; a hit after the time budget is a miss. Per workload, "
@@ -460,57 +478,54 @@ def render_markdown(
         ),
         "",
     ]
-    for c in comparisons:
-        scope = f"pooled: {c.framework}" if c.pooled else c.framework
-        parts += [f"## Side by side ({scope}), baseline `{c.baseline}`", ""]
-        header = ["workload", *c.labels]
-        rows = []
-        base = c.results[c.baseline]
-        for w in c.workloads:
-            base_time = base[w].time_to_target if w in base else math.inf
-            row = [w]
-            for label in c.labels:
-                r = c.results[label].get(w)
-                if r is None:
-                    row.append("-")
-                    continue
-                row.append(
-                    status_seconds(r.time_to_target, r.status)
-                    + ("" if label == c.baseline else _ratio_text(r.time_to_target, base_time))
-                    + (" (provisional)" if r.provisional and r.hit else "")
-                )
-            rows.append(row)
-        base_hours = c.accelerator_hours[c.baseline]
-        rows.append(
-            [
-                f"accelerator-hours to target (x{num_accelerators}"
-                f"{' ' + accelerator_type if accelerator_type else ''}, miss = budget, "
-                "unfinished = not charged)"
-            ]
-            + [
-                f"{c.accelerator_hours[label]:.4g}"
-                + (
-                    ""
-                    if label == c.baseline
-                    else _ratio_text(c.accelerator_hours[label], base_hours)
-                )
-                for label in c.labels
-            ]
-        )
-        rows.append(
-            ["AlgoPerf benchmark score (vs these runs, pooled)"]
-            + [
-                f"{c.scores[label]:.4f}"
-                + (
-                    " (provisional)"
-                    if any(r.provisional for r in c.results[label].values())
-                    else ""
-                )
-                for label in c.labels
-            ]
-        )
-        parts += [md_table(header, rows), ""]
-    parts += [
+
+
+def _comparison_section(c: Comparison, num_accelerators: int, accelerator_type: str) -> list[str]:
+    """One side-by-side table: time to target per workload, accelerator-hours, scores."""
+    scope = f"pooled: {c.framework}" if c.pooled else c.framework
+    header = ["workload", *c.labels]
+    rows = []
+    base = c.results[c.baseline]
+    for w in c.workloads:
+        base_time = base[w].time_to_target if w in base else math.inf
+        row = [w]
+        for label in c.labels:
+            r = c.results[label].get(w)
+            if r is None:
+                row.append("-")
+                continue
+            row.append(
+                status_seconds(r.time_to_target, r.status)
+                + ("" if label == c.baseline else _ratio_text(r.time_to_target, base_time))
+                + (" (provisional)" if r.provisional and r.hit else "")
+            )
+        rows.append(row)
+    base_hours = c.accelerator_hours[c.baseline]
+    rows.append(
+        [
+            f"accelerator-hours to target (x{num_accelerators}"
+            f"{' ' + accelerator_type if accelerator_type else ''}, miss = budget, "
+            "unfinished = not charged)"
+        ]
+        + [
+            f"{c.accelerator_hours[label]:.4g}"
+            + ("" if label == c.baseline else _ratio_text(c.accelerator_hours[label], base_hours))
+            for label in c.labels
+        ]
+    )
+    rows.append(
+        ["AlgoPerf benchmark score (vs these runs, pooled)"]
+        + [
+            f"{c.scores[label]:.4f}"
+            + (" (provisional)" if any(r.provisional for r in c.results[label].values()) else "")
+            for label in c.labels
+        ]
+    )
+    return [f"## Side by side ({scope}), baseline `{c.baseline}`", "", md_table(header, rows), ""]
+
+
+def _trials_section(trials: Sequence[TrialResult]) -> list[str]:
+    return [
         "## Trials",
         "",
         md_table(
@@ -546,11 +561,17 @@ def render_markdown(
         ),
         "",
     ]
-    if plots:
-        parts += ["## Plots", ""]
-        parts += [f"![{p.stem}]({p.relative_to(output_dir).as_posix()})" for p in plots]
-        parts.append("")
-    return "\n".join(parts)
+
+
+def _plots_section(plots: Sequence[Path], output_dir: Path) -> list[str]:
+    if not plots:
+        return []
+    return [
+        "## Plots",
+        "",
+        *(f"![{p.stem}]({p.relative_to(output_dir).as_posix()})" for p in plots),
+        "",
+    ]
 
 
 def build_report(
