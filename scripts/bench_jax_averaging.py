@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
+from polyak.optim.nadamw_config import NadamWConfig
 from polyak.runner.submission_loader import load_submission_module
 from polyak.workloads.registry import make_workload
 
@@ -27,15 +28,7 @@ flags.DEFINE_integer("rounds", 5, "Interleaved rounds per setting.")
 FLAGS = flags.FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
-BASE = {
-    "learning_rate": 0.001308209823469072,
-    "one_minus_beta1": 0.02686663061,
-    "beta2": 0.9981232922116359,
-    "weight_decay": 0.16375311233774334,
-    "warmup_factor": 0.1,
-    "label_smoothing": 0.1,
-    "dropout_rate": 0.0,
-}
+BASE = dict(NadamWConfig.DEFAULT_HYPERPARAMETERS)
 SETTINGS = {
     "none": {},
     "lawa device (nu=8, L=20)": {"averaging": "lawa", "averaging_every": 8, "lawa_window": 20},

@@ -451,18 +451,6 @@ def test_update_with_sharded_batch_and_replicated_params() -> None:
 # ---------------------------------------------------------------- hyperparameters
 
 
-def test_defaults_are_algoperf_baseline_first_point() -> None:
-    assert DEFAULT_HYPERPARAMETERS == {
-        "learning_rate": 0.001308209823469072,
-        "one_minus_beta1": 0.02686663061,
-        "beta2": 0.9981232922116359,
-        "weight_decay": 0.16375311233774334,
-        "warmup_factor": 0.1,
-        "label_smoothing": 0.1,
-        "dropout_rate": 0.0,
-    }
-
-
 def test_missing_names_fall_back_to_defaults_per_name() -> None:
     """A partial point (only the lr given) uses the defaults for the rest."""
     from types import SimpleNamespace

@@ -587,18 +587,6 @@ def test_load_state_dict_does_not_share_tensors_with_the_source() -> None:
 # Hyperparameters: defaults, lookup and validation.
 
 
-def test_defaults_are_algoperf_baseline_first_point() -> None:
-    assert DEFAULT_HYPERPARAMETERS == {
-        "learning_rate": 0.001308209823469072,
-        "one_minus_beta1": 0.02686663061,
-        "beta2": 0.9981232922116359,
-        "weight_decay": 0.16375311233774334,
-        "warmup_factor": 0.1,
-        "label_smoothing": 0.1,
-        "dropout_rate": 0.0,
-    }
-
-
 @pytest.mark.parametrize(
     "hyperparameters",
     [
