@@ -1,7 +1,8 @@
 """The averaging study end to end on a small real configuration, plus its building blocks.
 
 The study runs NadamW (PyTorch) on the real ``diabetes`` workload for 200 steps:
-no averaging, LAWA, EMA, the "poor" EMA (ν = 1) and the three constant-LR runs.
+no averaging, LAWA, EMA, both with the best-of selection, the "poor" EMA (ν = 1)
+and the three constant-LR runs.
 Every number in its tables is recomputed here from the per-run
 ``eval_measurements.csv`` files with plain csv/statistics code.
 """
@@ -85,6 +86,8 @@ def test_every_planned_run_finished_and_progress_was_shown(finished):
             "nadamw",
             "nadamw_lawa_nu8_L5",
             "nadamw_ema_nu8_b0.9",
+            "nadamw_lawa_nu8_L5_best",
+            "nadamw_ema_nu8_b0.9_best",
             "nadamw_ema_nu1_b0.9",
             "nadamw_constlr",
             "nadamw_constlr_lawa_nu8_L5",
@@ -129,7 +132,13 @@ def test_tables_have_a_row_for_every_setting(finished):
     settings, outcome, docs, _ = finished
     text = outcome.markdown.read_text(encoding="utf-8")
     expected = {
-        "time_to_target.csv": [Setting(), settings.lawa, settings.ema],
+        "time_to_target.csv": [
+            Setting(),
+            settings.lawa,
+            settings.ema,
+            Setting("lawa", every=8, window=5, select="best"),
+            Setting("ema", every=8, beta=0.9, select="best"),
+        ],
         "sensitivity.csv": [Setting(), *settings.lawa_grid(), *settings.ema_grid()],
         "decay.csv": settings.decay_settings(),
     }
@@ -154,7 +163,7 @@ def _first_hit(rows: list[dict[str, str]]) -> tuple[float, float]:
 def test_run_table_matches_the_per_run_csvs(finished):
     settings, _, docs, _ = finished
     rows = _read_csv(docs / "results" / "runs.csv")
-    assert len(rows) == 7
+    assert len(rows) == 9
     hits = 0
     for row in rows:
         evals = _read_csv(settings.root / row["path"] / "eval_measurements.csv")
@@ -243,7 +252,7 @@ def test_resume_skips_finished_runs_and_reruns_a_lost_one(finished):
     after = _read_csv(path / "eval_measurements.csv")
     assert [r["validation/mse"] for r in after] == [r["validation/mse"] for r in before]
     sessions = study.read_sessions(settings.root)
-    assert [s["runs_finished"] for s in sessions] == [7, 0, 1]
+    assert [s["runs_finished"] for s in sessions] == [9, 0, 1]
 
 
 def test_constant_lr_emulation_keeps_the_warmup_and_flattens_the_cosine():
@@ -279,6 +288,12 @@ def test_bad_settings_fail_with_the_value_named():
         quick_settings(seeds=(-1,))
     with pytest.raises(StudyConfigError, match="tpu"):
         quick_settings(frameworks=("tpu",))
+    with pytest.raises(StudyConfigError, match="select='max'"):
+        Setting("lawa", every=8, window=5, select="max")
+    with pytest.raises(StudyConfigError, match="select='best' needs averaging"):
+        Setting(select="best")
+    with pytest.raises(StudyConfigError, match=r"twa_budget=0\.5 with averaging='lawa'"):
+        Setting("lawa", every=8, window=5, twa_budget=0.5)
 
 
 def test_horizons_and_labels():
@@ -288,6 +303,14 @@ def test_horizons_and_labels():
         "nadamw_constlr_ema_nu1_b0.9"
     )
     assert Setting().raw() == Setting()
+    best = Setting("lawa", every=8, window=5, select="best")
+    assert best.label("nadamw") == "nadamw_lawa_nu8_L5_best"
+    assert best.hyperparameters()["averaging_select"] == "best"
+    assert best.raw() == Setting()
+    capped = Setting("twa", every=8, window=5, twa_budget=0.5)
+    assert capped.label("nadamw") == "nadamw_twa_nu8_L5_budget0.5"
+    assert capped.hyperparameters()["twa_budget"] == 0.5
+    assert "budget 0.5" in capped.short()
     assert Setting("lawa", 8, 5, schedule="constant").raw() == Setting(schedule="constant")
 
 

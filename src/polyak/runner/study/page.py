@@ -46,6 +46,8 @@ RUN_COLUMNS = (
     "averaging_every",
     "lawa_window",
     "ema_beta",
+    "averaging_select",
+    "twa_budget",
     "schedule",
     "constant_lr_method",
     "metric",
@@ -119,6 +121,8 @@ def run_rows(analysis: StudyAnalysis, root: Path) -> list[dict[str, Any]]:
                 "averaging_every": _csv_number(run.setting.every),
                 "lawa_window": _csv_number(run.setting.window),
                 "ema_beta": _csv_number(run.setting.beta),
+                "averaging_select": run.setting.select,
+                "twa_budget": _csv_number(run.setting.twa_budget),
                 "schedule": run.setting.schedule,
                 "constant_lr_method": run.constant_lr_method,
                 "metric": trial.metric,
@@ -398,6 +402,16 @@ def _setup(analysis: StudyAnalysis) -> list[str]:
         f"{settings.lawa.short()} and {settings.ema.short()} for every optimizer, chosen "
         "before any run: the grid's shortest horizons (the nearest it has to the paper's "
         "ν·L ≈ 1% of the budget) and the paper's β.",
+        *(
+            [
+                '- *Best of average and live* rows: `averaging_select="best"`; at each eval '
+                "`prepare_for_eval` scores the average and the live weights on the last "
+                "training batches and hands AlgoPerf the better one (the selection's forward "
+                "passes are submission time)."
+            ]
+            if any(s.run.setting.select == "best" for s in analysis.stats.values())
+            else []
+        ),
         f"- Seeds: question 1 {list(settings.seeds)}, question 2 {list(settings.grid_seeds)}, "
         f"question 3 {list(settings.decay_seeds)}. Spreads are min–max over seeds, shown as "
         "`median [min–max]`.",
@@ -424,7 +438,9 @@ def _setup(analysis: StudyAnalysis) -> list[str]:
             [
                 '- TWA (PyTorch only): `averaging="twa"` with the LAWA row\'s ν and L and the '
                 "default `twa_*` fit settings; its fit runs in `prepare_for_eval` on recent "
-                "training batches, so its cost is submission time."
+                "training batches, so its cost is submission time. The *budget* row caps the "
+                "fit at that fraction of the training steps since the previous eval "
+                "(`twa_budget`)."
             ]
             if has_twa
             else []

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from polyak.algoperf.submission_api import FRAMEWORKS, SUBMISSIONS
-from polyak.averaging.config import MODES, WINDOW_MODES
+from polyak.averaging.config import MODES, SELECTIONS, WINDOW_MODES
 from polyak.runner.commands import default_search_space, resolve_submission, submission_label
 from polyak.runner.embedded import TORCH_ONLY_MODES, EmbeddedRun
 from polyak.runner.errors import LaunchConfigError
@@ -43,6 +43,9 @@ class Setting:
     window: int | None = None
     beta: float | None = None
     schedule: str = "cosine"
+    # "best": prepare_for_eval hands AlgoPerf the better of the average and the live weights.
+    select: str = "average"
+    twa_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.averaging not in MODES:
@@ -62,6 +65,17 @@ class Setting:
                 raise StudyConfigError(f"{name}={value!r}; expected an integer >= 1")
         if self.beta is not None and not 0.0 < self.beta < 1.0:
             raise StudyConfigError(f"beta={self.beta!r}; expected a number in (0, 1)")
+        if self.select not in SELECTIONS:
+            raise StudyConfigError(
+                f"select={self.select!r}; expected one of {', '.join(SELECTIONS)}"
+            )
+        if self.select != "average" and not self.averaged:
+            raise StudyConfigError(f"select={self.select!r} needs averaging (got 'none')")
+        if self.twa_budget is not None and (self.averaging != "twa" or not self.twa_budget > 0):
+            raise StudyConfigError(
+                f"twa_budget={self.twa_budget!r} with averaging={self.averaging!r}; "
+                "expected a number > 0 with averaging 'twa'"
+            )
 
     def _needs(self) -> tuple[str, ...]:
         if not self.averaged:
@@ -84,6 +98,10 @@ class Setting:
             parts.append(f"{self.averaging}_nu{self.every}_L{self.window}")
         elif self.averaging == "ema":
             parts.append(f"ema_nu{self.every}_b{number_text(self.beta)}")
+        if self.twa_budget is not None:
+            parts.append(f"budget{number_text(self.twa_budget)}")
+        if self.select != "average":
+            parts.append(self.select)
         return "_".join(parts)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -94,6 +112,10 @@ class Setting:
             point["lawa_window"] = int(self.window)
         if self.beta is not None:
             point["ema_beta"] = float(self.beta)
+        if self.select != "average":
+            point["averaging_select"] = self.select
+        if self.twa_budget is not None:
+            point["twa_budget"] = float(self.twa_budget)
         return point
 
     def describe(self) -> str:
@@ -101,8 +123,14 @@ class Setting:
         if self.averaging == "none":
             return f"{schedule}, no averaging"
         if self.averaging == "ema":
-            return f"{schedule}, EMA ν={self.every} β={number_text(self.beta)}"
-        return f"{schedule}, {self.averaging.upper()} ν={self.every} L={self.window}"
+            text = f"{schedule}, EMA ν={self.every} β={number_text(self.beta)}"
+        else:
+            text = f"{schedule}, {self.averaging.upper()} ν={self.every} L={self.window}"
+        if self.twa_budget is not None:
+            text += f" budget {number_text(self.twa_budget)}"
+        if self.select == "best":
+            text += ", best of average and live"
+        return text
 
     def short(self) -> str:
         """The averaging part only (tables that hold the schedule fixed)."""
@@ -122,27 +150,31 @@ class StudySettings:
     """What the study runs. The defaults are the full study (see ``quick_settings``)."""
 
     # Question 1: time to target.
-    workloads: tuple[str, ...] = ("digits", "diabetes")
+    workloads: tuple[str, ...] = embedded_registry.EMBEDDED_WORKLOADS
     submissions: tuple[str, ...] = SUBMISSIONS
     frameworks: tuple[str, ...] = FRAMEWORKS
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    seeds: tuple[int, ...] = (0, 1, 2)
     # Chosen before any run: the grid's shortest horizons, the closest it has to the
     # paper's ν·L ≈ 1% of the budget, and the paper's β.
     lawa: Setting = Setting("lawa", every=8, window=5)
     ema: Setting = Setting("ema", every=8, beta=0.9)
     include_twa: bool = True  # with the LAWA setting's ν and L
+    # Rows added to the above: LAWA and EMA with averaging_select="best", and TWA with its
+    # fit capped at this fraction of the training steps between evals (None: no such row).
+    include_best: bool = True
+    twa_budget: float | None = 0.5
     # Question 2: sensitivity (one submission and framework).
     grid_submission: str = "nadamw"
     grid_framework: str = "pytorch"
-    grid_workloads: tuple[str, ...] = ("digits", "diabetes")
-    grid_seeds: tuple[int, ...] = (0, 1, 2)
+    grid_workloads: tuple[str, ...] = embedded_registry.EMBEDDED_WORKLOADS
+    grid_seeds: tuple[int, ...] = (0, 1)
     grid_every: tuple[int, ...] = (8, 32, 128)
     grid_windows: tuple[int, ...] = (5, 10, 20)
     grid_betas: tuple[float, ...] = (0.6, 0.9, 0.99)
     poor_ema: Setting | None = Setting("ema", every=1, beta=0.9)
     # Question 3: averaging against LR decay (grid submission and framework).
-    decay_workloads: tuple[str, ...] = ("digits", "diabetes")
-    decay_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    decay_workloads: tuple[str, ...] = embedded_registry.EMBEDDED_WORKLOADS
+    decay_seeds: tuple[int, ...] = (0, 1, 2)
     constant_lr_stretch: int = 100
     # Loop and folders.
     max_global_steps: int | None = None
@@ -184,9 +216,13 @@ class StudySettings:
 
     def time_to_target_settings(self, framework: str) -> list[Setting]:
         settings = [Setting(), self.lawa, self.ema]
+        if self.include_best:
+            settings += [dataclasses.replace(s, select="best") for s in (self.lawa, self.ema)]
         twa = Setting("twa", every=self.lawa.every, window=self.lawa.window)
         if self.include_twa and (framework == "pytorch" or twa.averaging not in TORCH_ONLY_MODES):
             settings.append(twa)
+            if self.twa_budget is not None:
+                settings.append(dataclasses.replace(twa, twa_budget=self.twa_budget))
         return settings
 
     def lawa_grid(self) -> list[Setting]:

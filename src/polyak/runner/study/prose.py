@@ -119,10 +119,9 @@ def findings_time_to_target(analysis: StudyAnalysis) -> list[str]:
     """Question 1, in sentences computed from the part-1 summaries."""
     summaries = analysis.time_to_target
     raw = {_system(s): s for s in summaries if not s.setting.averaged}
-    modes = list(dict.fromkeys(s.setting.averaging for s in summaries if s.setting.averaged))
-    lines = [
-        _mode_finding([s for s in summaries if s.setting.averaging == mode], raw) for mode in modes
-    ]
+    # One sentence per averaging row (a mode and its variants: best-of selection, TWA's budget).
+    rows = list(dict.fromkeys(s.setting.short() for s in summaries if s.setting.averaged))
+    lines = [_mode_finding([s for s in summaries if s.setting.short() == row], raw) for row in rows]
     load_note = _load_spread_finding(summaries)
     return lines + ([load_note] if load_note else [])
 
