@@ -5,9 +5,13 @@ about 14.8M parameters) with fixed random gradients. Every optimizer owns its ow
 After a warmup, the variants are timed round-robin (one step each, in turn) so that
 machine load hits them alike; the table shows the median and minimum step times and, as the
 headline, the median over rounds of each variant's time divided by that of
-``torch.optim.AdamW(fused=True)`` in the same round.
+``torch.optim.AdamW(fused=True)`` in the same round. Each step's CPU time (all of the
+process's threads) is paired the same way: a variant that keeps two threads busy where
+the reference keeps one shows it there, whatever the wall clock says. ``--runs`` repeats
+the whole measurement with fresh optimizers and ends with every run's ratio, so
+"<= 1.3x in every run" can be read off one command.
 
-    python scripts/bench_nadamw_torch.py [--threads 2] [--repeats 50] [--warmup 5]
+    python scripts/bench_nadamw_torch.py [--threads 2] [--repeats 50] [--warmup 5] [--runs 5]
 """
 
 from __future__ import annotations
@@ -73,6 +77,47 @@ def time_call(function: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def time_call_with_cpu(function: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds and the process's CPU seconds (every thread) of one call."""
+    cpu_start, start = time.process_time(), time.perf_counter()
+    function()
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+REFERENCE = "torch AdamW fused"
+COMPILED = "polyak NAdamW fused (compiled)"
+
+
+def paired_median_ratios(
+    times: dict[str, list[float]], reference: str = REFERENCE
+) -> dict[str, float]:
+    """Each round times every variant back to back, so a ratio within a round sees about
+    the same machine load on both sides; the median over rounds is the robust figure."""
+    return {
+        name: statistics.median(t / r for t, r in zip(values, times[reference]) if r > 0)
+        for name, values in times.items()
+    }
+
+
+def measure_once(
+    shapes: list[tuple[int, ...]], dtype: torch.dtype, warmup: int, repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
+    """Wall and CPU seconds per timed step of every variant, and each first step."""
+    variants = build_variants(shapes, dtype)
+    first_step = {name: time_call(optimizer.step) for name, optimizer in variants.items()}
+    for _ in range(warmup):
+        for optimizer in variants.values():
+            optimizer.step()
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, optimizer in variants.items():
+            seconds, cpu_seconds = time_call_with_cpu(optimizer.step)
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
+    return wall, cpu, first_step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -80,51 +125,45 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
     parser.add_argument("--repeats", type=int, default=50, help="timed steps per variant")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--runs", type=int, default=1, help="whole measurements, fresh optimizers")
     args = parser.parse_args()
-    if args.blocks < 1 or args.warmup < 0 or args.repeats < 1 or args.threads < 1:
-        parser.error("--blocks, --repeats and --threads must be >= 1, --warmup >= 0")
+    if min(args.blocks, args.repeats, args.threads, args.runs) < 1 or args.warmup < 0:
+        parser.error("--blocks, --repeats, --threads and --runs must be >= 1, --warmup >= 0")
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     shapes = parameter_shapes(args.blocks)
     num_params = sum(torch.Size(shape).numel() for shape in shapes)
-    variants = build_variants(shapes, dtype)
-
-    first_step = {name: time_call(optimizer.step) for name, optimizer in variants.items()}
-    for _ in range(args.warmup):
-        for optimizer in variants.values():
-            optimizer.step()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, optimizer in variants.items():
-            times[name].append(time_call(optimizer.step))
-
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    reference = times["torch AdamW fused"]
-    # Each round times every variant back to back, so a ratio within a round sees about
-    # the same machine load on both sides; the median over rounds is the robust figure.
-    paired_ratios = {
-        name: statistics.median(t / r for t, r in zip(values, reference))
-        for name, values in times.items()
-    }
     print(
         f"torch {torch.__version__}, {args.threads} threads, {len(shapes)} tensors, "
         f"{num_params / 1e6:.2f}M params, {args.dtype}, "
-        f"median of {args.repeats} steps after {args.warmup} warmup, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"median of {args.repeats} steps after {args.warmup} warmup, {args.runs} run(s)"
     )
-    name_width = max(len(name) for name in variants)
-    print(
-        f"{'optimizer':<{name_width}}  {'median ms':>9}  {'min ms':>8}  "
-        f"{'vs AdamW fused (paired median)':>30}"
-    )
-    for name in variants:
+    per_run: list[dict[str, float]] = []
+    for run in range(1, args.runs + 1):
+        wall, cpu, first_step = measure_once(shapes, dtype, args.warmup, args.repeats)
+        ratios = paired_median_ratios(wall)
+        cpu_ratios = paired_median_ratios(cpu)
+        per_run.append(ratios)
+        print(f"\nrun {run}: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        name_width = max(len(name) for name in wall)
         print(
-            f"{name:<{name_width}}  {medians[name] * 1e3:9.2f}  {min(times[name]) * 1e3:8.2f}  "
-            f"{paired_ratios[name]:29.2f}x"
+            f"{'optimizer':<{name_width}}  {'median ms':>9}  {'min ms':>8}  "
+            f"{'wall vs AdamW fused':>19}  {'CPU vs AdamW fused':>18}"
         )
-    compiled = "polyak NAdamW fused (compiled)"
-    print(f"first step of {compiled}, compile included: {first_step[compiled]:.1f} s")
+        for name in wall:
+            print(
+                f"{name:<{name_width}}  {statistics.median(wall[name]) * 1e3:9.2f}  "
+                f"{min(wall[name]) * 1e3:8.2f}  {ratios[name]:18.2f}x  {cpu_ratios[name]:17.2f}x"
+            )
+        print(f"first step of {COMPILED}, compile included: {first_step[COMPILED]:.1f} s")
+    if args.runs > 1:
+        print("\npaired wall-time ratio to torch AdamW fused, per run:")
+        for name in per_run[0]:
+            if name != REFERENCE:
+                values = [ratios[name] for ratios in per_run]
+                shown = ", ".join(f"{v:.2f}" for v in values)
+                print(f"  {name}: {shown} (worst {max(values):.2f})")
 
 
 if __name__ == "__main__":
