@@ -37,11 +37,11 @@ flags.DEFINE_boolean("quick", False, "One workload, one seed, a reduced grid (a 
 flags.DEFINE_string("workloads", None, "Question 1 workloads, comma list (default: all).")
 flags.DEFINE_string("submissions", None, "Question 1 optimizers (default nadamw,shampoo).")
 flags.DEFINE_string("frameworks", None, "Question 1 frameworks (default pytorch,jax).")
-flags.DEFINE_string("seeds", None, "Question 1 seeds, comma list (default 0,1,2).")
-flags.DEFINE_string("grid_workloads", None, "Question 2 workloads (default: all).")
+flags.DEFINE_string("seeds", None, "Question 1 seeds, comma list (default 0,1).")
+flags.DEFINE_string("grid_workloads", None, "Question 2 workloads (default digits,diabetes).")
 flags.DEFINE_string("grid_seeds", None, "Question 2 seeds (default 0,1).")
 flags.DEFINE_string("decay_workloads", None, "Question 3 workloads (default: all).")
-flags.DEFINE_string("decay_seeds", None, "Question 3 seeds (default 0,1,2).")
+flags.DEFINE_string("decay_seeds", None, "Question 3 seeds (default 0,1).")
 flags.DEFINE_string("experiment_dir", "~/experiment_runs", "Root folder for the runs.")
 flags.DEFINE_string(
     "experiment_name", None, "Folder of this study (default averaging_study[_quick])."
