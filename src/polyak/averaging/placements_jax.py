@@ -99,7 +99,9 @@ def placement_for(config: AveragingConfig, replicated: Sharding) -> Placement:
 
 
 def state_footprint(config: AveragingConfig, tracked: PyTree) -> footprint.Footprint:
-    """The bytes ``lawa_ema_jax.init`` allocates (plus the snapshot and the average in flight)."""
+    """The bytes ``lawa_ema_jax.init`` allocates, plus the snapshot and the average in
+    flight. The fp32 accumulator counts for LAWA too: JAX keeps no running sum,
+    but the swap materializes one."""
     leaves = jax.tree.leaves(tracked)
     num_elements = sum(math.prod(x.shape) for x in leaves)
     weight_bytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
