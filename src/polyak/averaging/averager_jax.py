@@ -78,7 +78,7 @@ class JaxAverager:
             **swap_shardings,
         )
         if self.placement.on_host:
-            self._swap_with_accumulator = jax.jit(
+            self._swap_with_summary = jax.jit(
                 functools.partial(_swap_in_average, config),
                 in_shardings=(replicated, replicated, replicated, replicated),
                 **swap_shardings,
@@ -190,9 +190,9 @@ class JaxAverager:
         if self.placement.on_host:
             averaging_state = state["averaging"]
             state = {k: v for k, v in state.items() if k != "averaging"}
-            accumulator = self.placement.upload_accumulator(averaging_state)
-            state, params, model_state = self._swap_with_accumulator(
-                state, params, model_state, accumulator
+            summary = self.placement.upload_summary(averaging_state)
+            state, params, model_state = self._swap_with_summary(
+                state, params, model_state, summary
             )
             state = {**state, "averaging": averaging_state}
         else:
@@ -248,13 +248,15 @@ def _swap_in_average(
     state: State,
     params: PyTree,
     model_state: PyTree,
-    averaging_state: lawa_ema_jax.AveragingState | None = None,
+    summary: lawa_ema_jax.Summary | None = None,
 ) -> tuple[State, PyTree, PyTree]:
-    """Loads the average; ``averaging_state`` overrides the state's own (host placement)."""
-    if averaging_state is None:
-        averaging_state = state["averaging"]
+    """Loads the average; ``summary`` is the state's, taken on the host (host placement)."""
+    if summary is None:
+        summary = lawa_ema_jax.summarize(config, state["averaging"])
     tracked = _tracked(config, params, model_state)
-    averaged_params, averaged_model_state = lawa_ema_jax.average(config, averaging_state, tracked)
+    averaged_params, averaged_model_state = lawa_ema_jax.average_of_summary(
+        config, summary, tracked
+    )
     if config.buffers != "average":
         # The live statistics are evaluated with the average (the paper's
         # choice); the returned tree must not alias the donated input.

@@ -11,7 +11,7 @@ The twin of ``placements_torch``. Both placements hold the same
   the train step the new params are copied there with an asynchronous
   ``device_put`` and folded by a jitted CPU program, so accelerator memory
   holds no window and the step path never waits. The accelerator programs
-  never see the state; the swap uploads only the sum (or EMA) and counters.
+  never see the state; the swap uploads only the window's sum (or the EMA) and the count.
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ class HostPlacement:
             out_shardings=self.home,
             donate_argnums=(0,),
         )
+        self._summarize = jax.jit(
+            functools.partial(lawa_ema_jax.summarize, config),
+            in_shardings=(self.home,),
+            out_shardings=self.home,
+        )
 
     def to_home(self, averaging_state: lawa_ema_jax.AveragingState) -> Any:
         """The state on the CPU device; a restored checkpoint hands back arrays elsewhere."""
@@ -74,12 +79,12 @@ class HostPlacement:
         snapshot = _copy_to(tracked, self.home)
         return self._collect(self.to_home(averaging_state), snapshot)
 
-    def upload_accumulator(self, averaging_state: Any) -> lawa_ema_jax.AveragingState:
-        """The sum (or EMA) and counters on their way to the accelerators, without
-        the window. The swap divides there, in the same program as the device
-        placement: XLA's division is not correctly rounded, and its result
-        depends on how the program around it is compiled."""
-        summary = self.to_home(averaging_state)._replace(window=())
+    def upload_summary(self, averaging_state: Any) -> lawa_ema_jax.Summary:
+        """The window's sum (or the EMA) and the count, summed on the host and on
+        their way to the accelerators. The swap divides there, in the same
+        program as the device placement: XLA's division is not correctly
+        rounded, and its result depends on how the program around it is compiled."""
+        summary = self._summarize(self.to_home(averaging_state))
         return jax.device_put(summary, self.replicated)
 
 
@@ -94,7 +99,9 @@ def placement_for(config: AveragingConfig, replicated: Sharding) -> Placement:
 
 
 def state_footprint(config: AveragingConfig, tracked: PyTree) -> footprint.Footprint:
-    """The bytes ``lawa_ema_jax.init`` allocates (plus the snapshot and the average in flight)."""
+    """The bytes ``lawa_ema_jax.init`` allocates, plus the snapshot and the average in
+    flight. The fp32 accumulator counts for LAWA too: JAX keeps no running sum,
+    but the swap materializes one."""
     leaves = jax.tree.leaves(tracked)
     num_elements = sum(math.prod(x.shape) for x in leaves)
     weight_bytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
