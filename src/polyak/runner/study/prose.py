@@ -153,8 +153,11 @@ def _paper_step_text(step_ratio: float) -> str:
             "no seed hit the target with or without averaging, so the paper's "
             f"≈{PAPER_STEP_RATIO:.2f} cannot be checked"
         )
-    word = "fewer" if step_ratio < 1 else "more" if step_ratio > 1 else "as many"
-    return f"{word} steps than without averaging (the paper: ≈{PAPER_STEP_RATIO:.2f} on AlgoPerf)"
+    paper = f"(the paper: ≈{PAPER_STEP_RATIO:.2f} on AlgoPerf)"
+    if step_ratio == 1:
+        return f"as many steps as without averaging {paper}"
+    word = "fewer" if step_ratio < 1 else "more"
+    return f"{word} steps than without averaging {paper}"
 
 
 def _pooled_median(values: Sequence[float]) -> float:
