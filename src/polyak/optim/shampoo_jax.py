@@ -18,10 +18,16 @@ reads the counters for the training log.
 
 JAX specifics:
 
-- All factors of the same size (and dtype) live in one stacked array, so that
-  their inverse roots are one ``vmap``-ed eigh. The roots are recomputed under
+- Blocks of the same shape (and dtype) are stacked, and so are their factors
+  and roots, one stack per axis: every step's statistics and preconditioning
+  are one batched contraction per stack and axis, reading the roots in place
+  (a per-block loop over slices of larger stacks copied every root each step
+  and dispatched many small ops). At a root step the factors of one size are
+  concatenated into one ``vmap``-ed eigh. The roots are recomputed under
   ``lax.cond``, so steps between root refreshes pay only the matmuls. The
-  groups' eighs run one after another (see :func:`_update_roots` for why).
+  sizes' eighs run one after another (see :func:`_update_roots` for why).
+  jaxlib's eigh runs in OpenBLAS: on a busy CPU, ``OPENBLAS_NUM_THREADS=1``
+  keeps its threads from fighting XLA's pool (several times faster here).
 - Numerics follow the torch twin: the spectrum is shifted to >= 0 and
   floored at ``ε' = max(ε, λmax·c^(−2k/η))`` before the power. float64
   statistics and eigh (``preconditioner_precision``) need ``jax_enable_x64``;
