@@ -319,9 +319,11 @@ def test_runs_under_jit_with_sharded_batch_and_replicated_state():
 
 # ---------------------------------------------------------------------- robustness
 
-# "w" is cut into two 6×6 blocks; all five factors (four of root 4, v's of root 2) share
-# one stack. Roots are due at steps 6, 9, 12, …, when every factor has full rank.
+# "w" is cut into two 6×6 blocks, stacked, with a stack per axis; v's factor has its
+# own stack, and all five (four of root 4, v's of root 2) share one batched eigh.
+# Roots are due at steps 6, 9, 12, …, when every factor has full rank.
 ROBUST_SHAPES = {"w": (12, 6), "v": (6,)}
+STACKS = {"6x6/0": (2, 6, 6), "6x6/1": (2, 6, 6), "6/0": (1, 6, 6)}
 ROBUST_CONFIG = ShampooConfig(
     max_preconditioner_dim=6, precondition_frequency=3, start_preconditioning_step=6, epsilon=1e-8
 )
@@ -342,12 +344,12 @@ def _robust_params(rng: np.random.Generator):
     return {k: jnp.asarray(v) for k, v in _random_tree(rng, ROBUST_SHAPES).items()}
 
 
-def test_state_layout_groups_factors_by_size(robust):
+def test_state_layout_stacks_blocks_by_shape(robust):
     tx, _ = robust
     inner = _shampoo_state(tx.init(_robust_params(np.random.default_rng(0))))
-    assert {k: v.shape for k, v in inner.factors.items()} == {"6": (5, 6, 6)}
-    assert {k: v.shape for k, v in inner.roots.items()} == {"6": (5, 6, 6)}
-    assert {k: v.shape for k, v in inner.root_ok.items()} == {"6": (5,)}
+    assert {k: v.shape for k, v in inner.factors.items()} == STACKS
+    assert {k: v.shape for k, v in inner.roots.items()} == STACKS
+    assert {k: v.shape for k, v in inner.root_ok.items()} == {k: v[:1] for k, v in STACKS.items()}
 
 
 def test_zero_gradients_give_zero_updates(robust):
@@ -412,7 +414,7 @@ def test_unusable_gradients_skip_the_step_and_large_ones_stay_finite(robust):
     updates, state = update({k: value * v for k, v in signs.items()}, state, params)
     assert int(state.skipped_steps) == 3
     assert _finite(_shampoo_state(state).factors)
-    assert float(np.max(_shampoo_state(state).factors["6"])) > 1e33
+    assert float(np.max(_shampoo_state(state).factors["6x6/0"])) > 1e33
     params = optax.apply_updates(params, updates)
     assert _finite(params)
     for _ in range(9):  # root steps 6 and 9 on those statistics
@@ -535,9 +537,9 @@ def test_float32_root_failure_is_retried_in_float64_when_x64_is_on(monkeypatch):
     inner = _shampoo_state(state)
     assert int(inner.root_failures) == 0
     assert all(bool(jnp.all(ok)) for ok in inner.root_ok.values())
-    assert inner.roots["5"].dtype == jnp.float32
+    assert inner.roots["5x3/0"].dtype == jnp.float32
     correction = 1 - config.beta2**2
-    for key in ("5", "3"):
+    for key in ("5x3/0", "5x3/1"):
         factor = np.asarray(inner.factors[key][0], np.float64) / correction
         expected = _dense_inverse_root(factor, 4, config.epsilon)
         np.testing.assert_allclose(np.asarray(inner.roots[key][0]), expected, rtol=1e-4)
@@ -551,8 +553,9 @@ def test_huge_dimension_is_grafted_only_without_factors():
     params = {"embedding": jnp.zeros((1_000_000, 2)), "w": jnp.zeros((40, 40))}
     state = tx.init(params)
     inner = _shampoo_state(state)
-    assert {k: v.shape for k, v in inner.factors.items()} == {"40": (2, 40, 40)}
-    assert {k: v.shape for k, v in inner.roots.items()} == {"40": (2, 40, 40)}
+    stacks = {"40x40/0": (1, 40, 40), "40x40/1": (1, 40, 40)}
+    assert {k: v.shape for k, v in inner.factors.items()} == stacks
+    assert {k: v.shape for k, v in inner.roots.items()} == stacks
     largest = max(leaf.size for leaf in jax.tree.leaves(state))
     assert largest == 2_000_000  # the elementwise moments only
     grads = {"embedding": jnp.ones((1_000_000, 2)), "w": jnp.ones((40, 40))}

@@ -18,10 +18,16 @@ reads the counters for the training log.
 
 JAX specifics:
 
-- All factors of the same size (and dtype) live in one stacked array, so that
-  their inverse roots are one ``vmap``-ed eigh. The roots are recomputed under
+- Blocks of the same shape (and dtype) are stacked, and so are their factors
+  and roots, one stack per axis: every step's statistics and preconditioning
+  are one batched contraction per stack and axis, reading the roots in place
+  (a per-block loop over slices of larger stacks copied every root each step
+  and dispatched many small ops). At a root step the factors of one size are
+  concatenated into one ``vmap``-ed eigh. The roots are recomputed under
   ``lax.cond``, so steps between root refreshes pay only the matmuls. The
-  groups' eighs run one after another (see :func:`_update_roots` for why).
+  sizes' eighs run one after another (see :func:`_update_roots` for why).
+  jaxlib's eigh runs in OpenBLAS: on a busy CPU, ``OPENBLAS_NUM_THREADS=1``
+  keeps its threads from fighting XLA's pool (several times faster here).
 - Numerics follow the torch twin: the spectrum is shifted to >= 0 and
   floored at ``ε' = max(ε, λmax·c^(−2k/η))`` before the power. float64
   statistics and eigh (``preconditioner_precision``) need ``jax_enable_x64``;
@@ -93,36 +99,35 @@ _SECOND_MOMENT_GRAFTINGS = ("adam", "rmsprop", "adagrad")
 
 
 @dataclasses.dataclass(frozen=True)
-class _FactorSlot:
-    """Where one Kronecker factor lives: row ``index`` of the stacked array ``group``."""
+class _Stack:
+    """The blocks of one shape and dtype, stacked along a leading axis.
 
-    group: str
-    index: int
+    Row r is block ``members[r] = (leaf, block index)``; the factors of axis i
+    of every row live in the state's stack ``keys[i]``, of shape ``(rows, dᵢ, dᵢ)``.
+    One batched contraction per stack and axis then computes the statistics
+    and the preconditioned directions of all its blocks, and a block's roots
+    are read from the state without copying them out of a larger stack.
+    """
 
-
-@dataclasses.dataclass(frozen=True)
-class _Group:
-    """One stack of same-size factors: per row, −1/root and the block it belongs to."""
-
-    dim: int
-    dtype: Any
-    exponents: tuple[float, ...]
-    blocks: tuple[int, ...]  # numbered across the whole tree, in ``slots`` order
+    dims: tuple[int, ...]
+    dtype: Any  # of the roots and directions
+    exponent: float
+    members: tuple[tuple[int, int], ...]
+    keys: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """The static bookkeeping of a parameter tree: plans and factor slots.
+    """The static bookkeeping of a parameter tree: plans and block stacks.
 
-    ``slots[leaf][block][axis]`` names the factor of that block's axis. Both
-    ``init`` and ``update`` rebuild it from the leaves' shapes, so it never has
-    to be stored in the state.
+    ``places[leaf][block]`` is that block's ``(stack, row)``. Both ``init`` and
+    ``update`` rebuild it from the leaves' shapes, so it never has to be
+    stored in the state.
     """
 
     plans: tuple[ParameterPlan, ...]
-    slots: tuple[tuple[tuple[_FactorSlot, ...], ...], ...]
-    groups: dict[str, _Group]
-    num_blocks: int
+    stacks: tuple[_Stack, ...]
+    places: tuple[tuple[tuple[int, int], ...], ...]
 
 
 def _factor_dtype(dtype: Any) -> Any:
@@ -136,54 +141,49 @@ def _statistics_dtype(config: ShampooConfig, root_dtype: Any) -> Any:
     return root_dtype
 
 
-def _group_key(dim: int, dtype: Any) -> str:
-    return str(dim) if jnp.dtype(dtype) == jnp.float32 else f"{dim}_{jnp.dtype(dtype).name}"
+def _stack_key(dims: tuple[int, ...], axis: int, dtype: Any) -> str:
+    key = f"{'x'.join(str(d) for d in dims)}/{axis}"
+    return key if jnp.dtype(dtype) == jnp.float32 else f"{key}_{jnp.dtype(dtype).name}"
 
 
 def _build_layout(leaves: Sequence[Any], config: ShampooConfig) -> _Layout:
     plans = tuple(plan_parameter(tuple(leaf.shape), config) for leaf in leaves)
-    exponents: dict[str, list[float]] = {}
-    owners: dict[str, list[int]] = {}
-    group_info: dict[str, tuple[int, Any]] = {}
-    slots = []
-    num_blocks = 0
-    for leaf, plan in zip(leaves, plans, strict=True):
+    members: dict[tuple[tuple[int, ...], Any], list[tuple[int, int]]] = {}
+    places = []
+    for leaf_index, (leaf, plan) in enumerate(zip(leaves, plans, strict=True)):
         dtype = _factor_dtype(leaf.dtype)
-        leaf_slots = []
+        leaf_places = []
         for block in plan.blocks:
-            root = config.inv_root_override or 2 * block.order
-            exponent = -config.exponent_multiplier / root
-            block_slots = []
-            for dim in block.dims:
-                key = _group_key(dim, dtype)
-                group_info.setdefault(key, (dim, dtype))
-                rows = exponents.setdefault(key, [])
-                block_slots.append(_FactorSlot(key, len(rows)))
-                rows.append(exponent)
-                owners.setdefault(key, []).append(num_blocks)
-            leaf_slots.append(tuple(block_slots))
-            num_blocks += 1
-        slots.append(tuple(leaf_slots))
-    groups = {
-        key: _Group(
-            dim=group_info[key][0],
-            dtype=group_info[key][1],
-            exponents=tuple(rows),
-            blocks=tuple(owners[key]),
+            rows = members.setdefault((block.dims, dtype), [])
+            leaf_places.append((list(members).index((block.dims, dtype)), len(rows)))
+            rows.append((leaf_index, block.index))
+        places.append(tuple(leaf_places))
+    stacks = tuple(
+        _Stack(
+            dims=dims,
+            dtype=dtype,
+            exponent=-config.exponent_multiplier / (config.inv_root_override or 2 * len(dims)),
+            members=tuple(rows),
+            keys=tuple(_stack_key(dims, axis, dtype) for axis in range(len(dims))),
         )
-        for key, rows in exponents.items()
-    }
-    return _Layout(plans=plans, slots=tuple(slots), groups=groups, num_blocks=num_blocks)
+        for (dims, dtype), rows in members.items()
+    )
+    return _Layout(plans=plans, stacks=stacks, places=tuple(places))
 
 
-def _all_per_block(row_flags: dict[str, jax.Array], layout: _Layout) -> jax.Array:
-    """For each block, whether the flags of all of its factor rows are set."""
-    if layout.num_blocks == 0:
-        return jnp.zeros((0,), jnp.bool_)
-    keys = list(layout.groups)
-    flags = jnp.concatenate([row_flags[key] for key in keys]).astype(jnp.int32)
-    owners = np.concatenate([np.asarray(layout.groups[key].blocks) for key in keys])
-    return jax.ops.segment_min(flags, owners, num_segments=layout.num_blocks) > 0
+def _stacked_blocks(
+    leaves: Sequence[jax.Array], layout: _Layout, stack: _Stack, dtype: Any
+) -> jax.Array:
+    """The stack's blocks of these leaves, shape ``(rows, *dims)``; a reshape for a lone block."""
+    parts = []
+    for leaf_index, block_index in stack.members:
+        plan = layout.plans[leaf_index]
+        block = plan.blocks[block_index]
+        merged = leaves[leaf_index].reshape(plan.merged_shape)
+        if len(plan.blocks) > 1:
+            merged = merged[block.slices]
+        parts.append(merged.astype(dtype))
+    return parts[0][None] if len(parts) == 1 else jnp.stack(parts)
 
 
 # ---------------------------------------------------------------------- state
@@ -194,7 +194,8 @@ class ScaleByShampooState(NamedTuple):
 
     ``exp_avg`` and ``exp_avg_sq`` are shaped like the params, or None when
     β1 = 0 or the grafting is not Adam. ``factors``, ``roots`` and ``root_ok``
-    map a group key (the factor size, e.g. ``"256"``) to stacks of shape
+    map a stack key (the block shape and the axis, e.g. ``"256x1024/1"`` for
+    the 1024×1024 factors of the 256×1024 blocks) to stacks of shape
     ``(n, d, d)``, ``(n, d, d)`` and ``(n,)``; grafted-only parameters own no
     rows in them.
     """
@@ -252,30 +253,47 @@ def matrix_inverse_root(
     return root, jnp.all(jnp.isfinite(root))
 
 
-def _factor_statistics(block: jax.Array) -> list[jax.Array]:
-    """G₍ᵢ₎G₍ᵢ₎ᵀ for every mode i of the block (the contraction over every other mode)."""
-    axes = range(block.ndim)
+def _factor_statistics(blocks: jax.Array) -> list[jax.Array]:
+    """G₍ᵢ₎G₍ᵢ₎ᵀ of every block of a stack ``(rows, d₁, …, dₖ)``, for every mode i.
+
+    One batched contraction over every other mode per i, shape ``(rows, dᵢ, dᵢ)``.
+    """
+    modes = range(1, blocks.ndim)
     return [
-        jnp.tensordot(
-            block,
-            block,
-            axes=([a for a in axes if a != i], [a for a in axes if a != i]),
+        jax.lax.dot_general(
+            blocks,
+            blocks,
+            (([m for m in modes if m != i],) * 2, ((0,), (0,))),
             precision=_HIGHEST,
         )
-        for i in axes
+        for i in modes
     ]
 
 
-def _precondition(block: jax.Array, roots: Sequence[jax.Array]) -> jax.Array:
-    """``block ×₁ Q₁ ×₂ … ×ₖ Qₖ`` with symmetric Qᵢ (each contraction moves the next mode first)."""
-    result = block
+def _precondition(blocks: jax.Array, roots: Sequence[jax.Array]) -> jax.Array:
+    """``block ×₁ Q₁ ×₂ … ×ₖ Qₖ`` for every block of a stack, with symmetric Qᵢ stacked alike.
+
+    Each batched contraction moves the next mode last, so after k of them the
+    modes are back in order.
+    """
+    result = blocks
     for root in roots:
-        result = jnp.tensordot(result, root, axes=([0], [0]), precision=_HIGHEST)
+        result = jax.lax.dot_general(result, root, (((1,), (1,)), ((0,), (0,))), precision=_HIGHEST)
     return result
 
 
 def _norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(x)))
+
+
+def _row_norms(x: jax.Array) -> jax.Array:
+    """The norm of each row of a stack (over every axis but the first)."""
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))))
+
+
+def _per_row(values: jax.Array, ndim: int) -> jax.Array:
+    """``(rows,)`` values shaped to broadcast against a stack of ``ndim`` axes."""
+    return values.reshape(values.shape + (1,) * (ndim - 1))
 
 
 # ---------------------------------------------------------------------- transforms
@@ -304,26 +322,21 @@ def scale_by_shampoo(config: ShampooConfig | None = None) -> optax.GradientTrans
     def init_fn(params: optax.Params) -> ScaleByShampooState:
         leaves = jax.tree.leaves(params)
         layout = _build_layout(leaves, config)
-        factors = {
-            key: jnp.zeros(
-                (len(group.exponents), group.dim, group.dim),
-                _statistics_dtype(config, group.dtype),
-            )
-            for key, group in layout.groups.items()
-        }
+        factors, roots, root_ok = {}, {}, {}
+        for stack in layout.stacks:
+            rows = len(stack.members)
+            statistics_dtype = _statistics_dtype(config, stack.dtype)
+            for dim, key in zip(stack.dims, stack.keys, strict=True):
+                factors[key] = jnp.zeros((rows, dim, dim), statistics_dtype)
+                roots[key] = jnp.zeros((rows, dim, dim), stack.dtype)
+                root_ok[key] = jnp.zeros((rows,), jnp.bool_)
         return ScaleByShampooState(
             count=jnp.zeros([], jnp.int32),
             exp_avg=jax.tree.map(jnp.zeros_like, params) if config.beta1 > 0.0 else None,
             exp_avg_sq=_second_moments_init(config, params),
             factors=factors,
-            roots={
-                key: jnp.zeros((len(group.exponents), group.dim, group.dim), group.dtype)
-                for key, group in layout.groups.items()
-            },
-            root_ok={
-                key: jnp.zeros((len(group.exponents),), jnp.bool_)
-                for key, group in layout.groups.items()
-            },
+            roots=roots,
+            root_ok=root_ok,
             root_failures=jnp.zeros([], jnp.int32),
             skipped_statistics=jnp.zeros([], jnp.int32),
             direction_fallbacks=jnp.zeros([], jnp.int32),
@@ -475,11 +488,6 @@ def _block_normalized(config: ShampooConfig, grads: list[jax.Array]) -> list[jax
     return result
 
 
-def _blocks_of(leaf: jax.Array, plan: ParameterPlan, dtype: Any) -> list[jax.Array]:
-    merged = leaf.reshape(plan.merged_shape).astype(dtype)
-    return [merged[block.slices] for block in plan.blocks]
-
-
 def _update_statistics(
     config: ShampooConfig,
     layout: _Layout,
@@ -495,49 +503,28 @@ def _update_statistics(
     ``trace(L₁) + ‖g‖²`` (g the whole parameter's gradient) reaches a quarter
     of the float32 maximum keeps its old factors.
     """
-    contributions: dict[str, list[jax.Array | None]] = {
-        key: [None] * len(group.exponents) for key, group in layout.groups.items()
-    }
-    for grad, plan, leaf_slots in zip(grads, layout.plans, layout.slots, strict=True):
-        if not plan.preconditioned:
-            continue
-        for block, block_slots in zip(
-            _blocks_of(grad, plan, _statistics_dtype(config, _factor_dtype(grad.dtype))),
-            leaf_slots,
-            strict=True,
-        ):
-            for statistic, slot in zip(_factor_statistics(block), block_slots, strict=True):
-                contributions[slot.group][slot.index] = statistic
     beta2 = config.beta2
-    if beta2 < 1.0:
-        updated = {
-            key: (1.0 - beta2) * jnp.stack(contributions[key]) + beta2 * stack
-            for key, stack in factors.items()
-        }
-        return updated, jnp.zeros([], jnp.int32)
-    safe = _summed_statistics_safe(layout, grads, factors)
-    updated = {}
-    for key, stack in factors.items():
-        keep = safe[np.asarray(layout.groups[key].blocks)]
-        updated[key] = jnp.where(keep[:, None, None], jnp.stack(contributions[key]) + stack, stack)
-    return updated, jnp.sum(~safe).astype(jnp.int32)
-
-
-def _summed_statistics_safe(
-    layout: _Layout, grads: list[jax.Array], factors: dict[str, jax.Array]
-) -> jax.Array:
-    """Per block: whether ``trace(L₁) + ‖g‖² < max/4`` (False for NaN too)."""
+    squared_norms: dict[int, jax.Array] = {}
     limit = float(jnp.finfo(jnp.float32).max) / 4
-    traces = {key: jnp.trace(stack, axis1=1, axis2=2) for key, stack in factors.items()}
-    checks = []
-    for grad, leaf_slots in zip(grads, layout.slots, strict=True):
-        if not leaf_slots:
+    updated = {}
+    skipped = jnp.zeros([], jnp.int32)
+    for stack in layout.stacks:
+        dtype = _statistics_dtype(config, stack.dtype)
+        statistics = _factor_statistics(_stacked_blocks(grads, layout, stack, dtype))
+        if beta2 < 1.0:
+            for key, statistic in zip(stack.keys, statistics, strict=True):
+                updated[key] = (1.0 - beta2) * statistic + beta2 * factors[key]
             continue
-        squared_norm = jnp.sum(jnp.square(grad.astype(jnp.float32)))
-        for block_slots in leaf_slots:
-            first = block_slots[0]
-            checks.append(traces[first.group][first.index] + squared_norm < limit)
-    return jnp.stack(checks)
+        for leaf, _ in stack.members:
+            if leaf not in squared_norms:
+                squared_norms[leaf] = jnp.sum(jnp.square(grads[leaf].astype(jnp.float32)))
+        norms = jnp.stack([squared_norms[leaf] for leaf, _ in stack.members])
+        # NaN compares False, so a poisoned factor stops accumulating too.
+        safe = jnp.trace(factors[stack.keys[0]], axis1=1, axis2=2) + norms < limit
+        for key, statistic in zip(stack.keys, statistics, strict=True):
+            updated[key] = jnp.where(safe[:, None, None], statistic + factors[key], factors[key])
+        skipped = skipped + jnp.sum(~safe).astype(jnp.int32)
+    return updated, skipped
 
 
 def _update_roots(
@@ -548,24 +535,31 @@ def _update_roots(
     root_ok: dict[str, jax.Array],
     count: jax.Array,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
-    """Recomputes every root, one vmapped eigh per group; failures keep the old root."""
+    """Recomputes every root, one vmapped eigh per factor size; failures keep the old root."""
     if config.use_bias_correction and config.beta2 < 1.0:
         correction = bias_correction(config.beta2, count, jnp.float32)
     else:
         correction = jnp.ones([], jnp.float32)
+    by_size: dict[tuple[int, Any, Any], list[tuple[str, float]]] = {}
+    for stack in layout.stacks:
+        for dim, key in zip(stack.dims, stack.keys, strict=True):
+            size = (dim, jnp.dtype(factors[key].dtype), jnp.dtype(stack.dtype))
+            by_size.setdefault(size, []).append((key, stack.exponent))
     new_roots, new_ok = {}, {}
     failures = jnp.zeros([], jnp.int32)
     previous: jax.Array | None = None
-    for key, stack in factors.items():
-        group = layout.groups[key]
-        exponents = jnp.asarray(np.asarray(group.exponents), stack.dtype)
+    for entries in by_size.values():
+        keys = [key for key, _ in entries]
+        rows = [factors[key].shape[0] for key in keys]
+        stack = factors[keys[0]] if len(keys) == 1 else jnp.concatenate([factors[k] for k in keys])
+        exponents = jnp.asarray(np.repeat([exponent for _, exponent in entries], rows), stack.dtype)
         matrices = stack / correction.astype(stack.dtype)
         if previous is not None:
-            # One group's eigh at a time: jaxlib 0.10's CPU LAPACK kernels block a
+            # One size's eigh at a time: jaxlib 0.10's CPU LAPACK kernels block a
             # pool thread while they fan a batch out to the same pool, and as many
             # concurrent batched eighs as pool threads deadlock it (seen with two
             # 1024-wide groups on 2 cores). Adding an exact zero computed from the
-            # previous group's roots makes each eigh wait for the one before; an
+            # previous size's roots makes each eigh wait for the one before; an
             # optimization barrier would not, as XLA drops it before scheduling.
             matrices = matrices + _zero_after(previous, matrices.dtype)
         candidate, finite = jax.vmap(
@@ -573,12 +567,16 @@ def _update_roots(
         )(matrices, exponents)
         if stack.dtype == jnp.float32 and jax.config.jax_enable_x64:
             candidate, finite = _retry_in_float64(matrices, exponents, config, candidate, finite)
-        candidate = candidate.astype(roots[key].dtype)
+        candidate = candidate.astype(roots[keys[0]].dtype)
         finite = finite & jnp.all(jnp.isfinite(candidate), axis=(1, 2))
-        new_roots[key] = jnp.where(finite[:, None, None], candidate, roots[key])
-        new_ok[key] = root_ok[key] | finite
         failures = failures + jnp.sum(~finite).astype(jnp.int32)
-        previous = new_roots[key]
+        start = 0
+        for key, count_of_rows in zip(keys, rows, strict=True):
+            part = slice(start, start + count_of_rows)
+            start += count_of_rows
+            new_roots[key] = jnp.where(finite[part, None, None], candidate[part], roots[key])
+            new_ok[key] = root_ok[key] | finite[part]
+        previous = new_roots[keys[-1]]
     return new_roots, new_ok, failures
 
 
@@ -621,31 +619,39 @@ def _shampoo_directions(
     started: jax.Array,
 ) -> tuple[list[jax.Array], jax.Array]:
     """Each leaf's direction, and whether this step fell back to grafting on overflow."""
-    # A block uses the grafted direction until all of its roots were computed once.
-    ready = _all_per_block(root_ok, layout)
+    stacked_directions = []
+    for stack in layout.stacks:
+        momenta = _stacked_blocks(filtered, layout, stack, stack.dtype)
+        grafts = _stacked_blocks(grafted, layout, stack, stack.dtype)
+        direction = _precondition(momenta, [roots[key] for key in stack.keys])
+        if config.grafting != "none":
+            if graft_norm_source is grafted:
+                graft_norms = _row_norms(grafts)
+            else:
+                graft_norms = _row_norms(
+                    _stacked_blocks(graft_norm_source, layout, stack, stack.dtype)
+                )
+            scales = graft_norms / (_row_norms(direction) + _NORM_FLOOR)
+            direction = direction * _per_row(scales, direction.ndim)
+        # A block uses the grafted direction until all of its roots were computed once.
+        ready = root_ok[stack.keys[0]]
+        for key in stack.keys[1:]:
+            ready = ready & root_ok[key]
+        stacked_directions.append(jnp.where(_per_row(ready, direction.ndim), direction, grafts))
+
     directions: list[jax.Array] = []
     preconditioned: list[int] = []
-    block_number = 0
-    for leaf_filtered, leaf_grafted, leaf_source, plan, leaf_slots in zip(
-        filtered, grafted, graft_norm_source, layout.plans, layout.slots, strict=True
-    ):
+    for leaf_grafted, plan, leaf_places in zip(grafted, layout.plans, layout.places, strict=True):
         if not plan.preconditioned:
             directions.append(leaf_grafted)
             continue
-        dtype = _factor_dtype(leaf_grafted.dtype)
-        block_momenta = _blocks_of(leaf_filtered, plan, dtype)
-        block_grafts = _blocks_of(leaf_grafted, plan, dtype)
-        block_sources = _blocks_of(leaf_source, plan, dtype)
-        block_directions = []
-        for momentum, graft, source, slots in zip(
-            block_momenta, block_grafts, block_sources, leaf_slots, strict=True
-        ):
-            block_roots = [roots[slot.group][slot.index] for slot in slots]
-            block_directions.append(
-                _block_direction(config, momentum, graft, source, block_roots, ready[block_number])
-            )
-            block_number += 1
-        merged = _assemble(plan, block_directions)
+        blocks = [
+            stacked_directions[stack][row]
+            if len(layout.stacks[stack].members) > 1
+            else stacked_directions[stack].reshape(layout.stacks[stack].dims)
+            for stack, row in leaf_places
+        ]
+        merged = _assemble(plan, blocks)
         preconditioned.append(len(directions))
         directions.append(merged.reshape(plan.shape).astype(leaf_grafted.dtype))
     if not preconditioned:
@@ -657,20 +663,6 @@ def _shampoo_directions(
     for i in preconditioned:
         directions[i] = jnp.where(use_shampoo, directions[i], grafted[i])
     return directions, started & ~jnp.isfinite(total)
-
-
-def _block_direction(
-    config: ShampooConfig,
-    momentum: jax.Array,
-    graft: jax.Array,
-    graft_norm_source: jax.Array,
-    block_roots: Sequence[jax.Array],
-    ready: jax.Array,
-) -> jax.Array:
-    direction = _precondition(momentum, block_roots)
-    if config.grafting != "none":
-        direction = direction * (_norm(graft_norm_source) / (_norm(direction) + _NORM_FLOOR))
-    return jnp.where(ready, direction, graft)
 
 
 def _assemble(plan: ParameterPlan, blocks: list[jax.Array]) -> jax.Array:
