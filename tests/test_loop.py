@@ -641,3 +641,25 @@ def test_a_truncated_checkpoint_is_named_in_the_error(tmp_path, framework):
             output_dir=tmp_path,
             resume=True,
         )
+
+
+def test_a_jax_checkpoint_of_another_layout_names_where_it_differs():
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from polyak.workloads.loop_jax import (
+        CheckpointMismatchError,
+        _numpy_into_tree,
+        _tree_to_numpy,
+    )
+
+    older = {"averaging": {"count": jnp.zeros(()), "total": jnp.ones(3)}, "step": jnp.zeros(())}
+    newer = {"averaging": {"count": jnp.zeros(())}, "step": jnp.zeros(())}
+    saved = _tree_to_numpy(older)
+    with pytest.raises(CheckpointMismatchError, match="3 leaves against 2") as caught:
+        _numpy_into_tree(saved, newer, "optimizer_state")
+    message = str(caught.value)
+    assert "'total'" in message  # the checkpoint's side of the first difference
+    assert len(message) < 600  # not two whole tree definitions
+    restored = _numpy_into_tree(saved, older, "optimizer_state")
+    assert float(restored["averaging"]["total"][0]) == 1.0

@@ -32,6 +32,15 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose trees do not fit the freshly initialized state."""
 
 
+def _first_difference(saved: str, fresh: str, context: int = 60) -> tuple[str, str]:
+    """Both texts around where they first differ: a whole PyTreeDef is unreadably long."""
+    index = next(
+        (i for i, (a, b) in enumerate(zip(saved, fresh)) if a != b), min(len(saved), len(fresh))
+    )
+    start = max(0, index - context)
+    return saved[start : index + context], fresh[start : index + context]
+
+
 class JaxLoopBackend(LoopBackend):
     framework = "jax"
 
@@ -129,10 +138,12 @@ def _numpy_into_tree(saved: dict[str, Any], fresh: Any, what: str) -> Any:
     fresh_leaves, treedef = jax.tree_util.tree_flatten(fresh)
     saved_leaves = saved["leaves"]
     if len(saved_leaves) != len(fresh_leaves) or saved["structure"] != str(treedef):
+        saved_text, fresh_text = _first_difference(saved["structure"], str(treedef))
         raise CheckpointMismatchError(
-            f"checkpointed {what} has structure {saved['structure']} with "
-            f"{len(saved_leaves)} leaves; the fresh one has {treedef} with "
-            f"{len(fresh_leaves)} leaves"
+            f"checkpointed {what} does not fit the fresh state: {len(saved_leaves)} leaves "
+            f"against {len(fresh_leaves)}, first differing at ...{saved_text}... (checkpoint) "
+            f"against ...{fresh_text}... (fresh); it was saved by code with another state "
+            "layout, so start this run over (a new experiment folder, or --overwrite)"
         )
     restored = []
     for index, (value, fresh_leaf) in enumerate(zip(saved_leaves, fresh_leaves, strict=True)):
