@@ -363,16 +363,23 @@ def _constant_lr_finding(
         f"{fmt_metric(reference)}{reference_spread} with cosine decay and no averaging: "
         f"{verdict} ({_seed_ranges_text(entry, cosine)})."
     )
-    decay_matters = True
+    constant_alone = "worse"
     if constant is not None:
         raw_best = constant.median("best_metric")
-        decay_matters = _versus(raw_best, reference, direction) == "worse"
+        constant_alone = _versus(raw_best, reference, direction)
         text += (
             " Against its own raw weights on the constant LR (best "
             f"{fmt_metric(raw_best)}) the averaged model's best is "
             f"{_versus(value, raw_best, direction)}."
         )
-    if not decay_matters:
+    if constant_alone == "better":
+        return text + (
+            " But the constant LR without averaging is better than cosine decay too: within "
+            "this budget the decay costs more progress than it gives back (the model is far "
+            "from converged), so this workload cannot tell whether averaging replaces decay; "
+            "it shows what averaging adds on top of a constant LR."
+        )
+    if constant_alone != "worse":
         return text + (
             " But the constant LR without averaging is not worse than cosine decay "
             "either, so LR decay makes no difference to the best metric on this "
