@@ -375,8 +375,8 @@ def _constant_lr_finding(
     if constant_alone == "better":
         return text + (
             " But the constant LR without averaging is better than cosine decay too: within "
-            "this budget the decay costs more progress than it gives back (the model is far "
-            "from converged), so this workload cannot tell whether averaging replaces decay; "
+            "this budget the decay costs more progress than it gives back, so this workload "
+            "cannot tell whether averaging replaces decay; "
             "it shows what averaging adds on top of a constant LR."
         )
     if constant_alone != "worse":
