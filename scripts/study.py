@@ -4,7 +4,8 @@ Runs (or resumes) the averaging study of ``polyak.runner.study`` and writes
 ``docs/results.md`` with tables and plots under ``docs/results/``:
 
 1. steps and time to target for NadamW and Shampoo in PyTorch and JAX, with
-   no averaging, LAWA and EMA (and TWA for PyTorch), over several seeds;
+   no averaging, LAWA and EMA (each also with the best-of selection) and TWA
+   for PyTorch (also with a capped fit), over several seeds;
 2. the sensitivity grid ν x L (LAWA) and ν x β (EMA), plus ν = 1, β = 0.9;
 3. averaging against LR decay (cosine vs constant LR, with and without averaging).
 

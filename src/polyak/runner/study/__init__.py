@@ -5,9 +5,10 @@ with thousands of GPU-hours of AlgoPerf runs. This package asks the same ones
 of the small CPU workloads, so that anyone can check them in minutes:
 
 1. *Does averaging reach the target sooner?* Every submission x framework x
-   workload with no averaging, LAWA and EMA (and TWA for PyTorch), over
-   several seeds: steps and submission time to the validation target, median
-   and min-max.
+   workload with no averaging, LAWA and EMA, both also with the best-of
+   selection (``averaging_select="best"``), and TWA for PyTorch (also with its
+   fit capped by ``twa_budget``), over several seeds: steps and submission time
+   to the validation target, median and min-max.
 2. *How sensitive is it to ν (``averaging_every``), L (``lawa_window``) and β
    (``ema_beta``)?* A grid for one submission and framework: ν x L for LAWA,
    ν x β for EMA, plus EMA with ν = 1 and β = 0.9 (the setting the paper calls
