@@ -146,6 +146,7 @@ def test_self_tuning_and_bad_hyperparameters() -> None:
     params, model_state = workload.init_model_fn(0)
     _, programs = SUBMISSION.init_optimizer_state(workload, params, model_state, None, None)
     assert programs.averager.config.mode == "lawa"
+    assert programs.averager.config.selects_best
     with pytest.raises(AveragingError, match="ema_beta=0"):
         SUBMISSION.init_optimizer_state(
             workload, params, model_state, hparams(averaging="ema", ema_beta=0), None

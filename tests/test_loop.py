@@ -653,10 +653,12 @@ def test_a_jax_checkpoint_of_another_layout_names_where_it_differs():
         _tree_to_numpy,
     )
 
-    older = {"averaging": {"count": jnp.zeros(()), "total": jnp.ones(3)}, "step": jnp.zeros(())}
-    newer = {"averaging": {"count": jnp.zeros(())}, "step": jnp.zeros(())}
+    # Wide enough that two whole tree definitions would run to thousands of characters.
+    params = {f"layer_{i:02d}": {"kernel": jnp.zeros(()), "bias": jnp.zeros(())} for i in range(40)}
+    older = {"averaging": {"count": jnp.zeros(()), "total": jnp.ones(3)}, "params": params}
+    newer = {"averaging": {"count": jnp.zeros(())}, "params": params}
     saved = _tree_to_numpy(older)
-    with pytest.raises(CheckpointMismatchError, match="3 leaves against 2") as caught:
+    with pytest.raises(CheckpointMismatchError, match="82 leaves against 81") as caught:
         _numpy_into_tree(saved, newer, "optimizer_state")
     message = str(caught.value)
     assert "'total'" in message  # the checkpoint's side of the first difference

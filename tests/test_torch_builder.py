@@ -114,6 +114,7 @@ def test_self_tuning_uses_defaults_with_averaging() -> None:
     model, _ = workload.init_model_fn(0)
     state = SUBMISSION.init_optimizer_state(workload, model, None, None, None)
     assert state["averager"].config.mode == "lawa"
+    assert state["averager"].config.selects_best  # the study's never-worse choice
     assert state["optimizer"].param_groups[0]["lr"] == pytest.approx(SGD_DEFAULTS["learning_rate"])
 
 
