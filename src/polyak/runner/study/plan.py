@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from polyak.algoperf.submission_api import FRAMEWORKS, SUBMISSIONS
-from polyak.averaging.config import MODES, SELECTIONS, WINDOW_MODES
+from polyak.averaging.config import MODES, SELECTIONS, WINDOW_MODES, Selection
 from polyak.runner.commands import default_search_space, resolve_submission, submission_label
 from polyak.runner.embedded import TORCH_ONLY_MODES, EmbeddedRun
 from polyak.runner.errors import LaunchConfigError
@@ -44,7 +44,7 @@ class Setting:
     beta: float | None = None
     schedule: str = "cosine"
     # "best": prepare_for_eval hands AlgoPerf the better of the average and the live weights.
-    select: str = "average"
+    select: Selection = "average"
     twa_budget: float | None = None
 
     def __post_init__(self) -> None:
