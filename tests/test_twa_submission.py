@@ -28,7 +28,14 @@ from polyak.averaging.config import AveragingConfig, AveragingError, TWAError
 REPO = Path(__file__).resolve().parent.parent
 SUBMISSION = build_submission(make_torch_sgd, SGDConfig)
 EVAL_STEPS = {1, 5, 9, 13, 17}
-TWA = {"averaging": "twa", "averaging_every": 2, "lawa_window": 4, "twa_batches": 3}
+# A budget that pays for a fit at every eval: these tests are about the fit.
+TWA = {
+    "averaging": "twa",
+    "averaging_every": 2,
+    "lawa_window": 4,
+    "twa_batches": 3,
+    "twa_budget": 1e6,
+}
 
 
 def _init(hp):
@@ -289,24 +296,42 @@ def test_every_placement_gives_the_same_twa_weights() -> None:
             assert torch.equal(evaluated[placement][12][key], value), (placement, key)
 
 
-def test_the_fit_budget_follows_the_eval_cadence() -> None:
-    hp = hparams(**TWA, twa_steps=30, twa_budget=0.5)
-    workload, model, state, _, _, _ = _train(hp, steps=13, evals=set())
+def test_a_fit_runs_whole_once_the_unspent_budget_pays_for_it() -> None:
+    # A fit costs 4 steps + 2 passes over the one held-out batch = 6 passes;
+    # the fits may spend half a pass per training step.
+    hp = hparams(**{**TWA, "twa_steps": 4, "twa_budget": 0.5})
+    workload, model, state = _init(hp)
     averager = state["averager"]
-    state, model, _ = SUBMISSION.prepare_for_eval(
-        workload, model, None, None, hp, None, state, [], 13, None
-    )
-    # 13 steps since the start: 6 passes, 2 of them score the held-out batch.
-    assert len(averager.last_twa_result.step_losses) == 4
-    for step, batch in zip((14, 15), batches(1, 2)):
+    fit_steps = {}
+    for i, batch in enumerate(batches(0, 25)):
         state, model, _ = SUBMISSION.update_params(
-            workload, model, None, None, hp, batch, None, state, [], step - 1, None
+            workload, model, None, None, hp, batch, None, state, [], i, None
         )
-    state, model, _ = SUBMISSION.prepare_for_eval(
-        workload, model, None, None, hp, None, state, [], 15, None
-    )
-    # Two steps since the last eval pay for no fit.
-    assert averager.last_twa_result.chosen == "uniform"
-    assert averager.last_twa_result.step_losses == ()
+        if i + 1 in (5, 13, 17, 25):
+            state, model, _ = SUBMISSION.prepare_for_eval(
+                workload, model, None, None, hp, None, state, [], i + 1, None
+            )
+            result = averager.last_twa_result
+            fit_steps[i + 1] = len(result.step_losses)
+            if not result.step_losses:
+                assert result.chosen == "uniform" and result.uniform_loss is None
+            # Spent never exceeds the budget.
+            assert averager.state_dict()["twa_passes_spent"] <= 0.5 * (i + 1)
+    # Step 5: 6 > 2.5. Step 13: 6 <= 6.5. Step 17: 12 > 8.5. Step 25: 12 <= 12.5.
+    assert fit_steps == {5: 0, 13: 4, 17: 0, 25: 4}
+    assert averager.state_dict()["twa_passes_spent"] == 12
+
+
+def test_the_spent_budget_survives_a_resume() -> None:
+    hp = hparams(**{**TWA, "twa_steps": 4, "twa_budget": 0.5})
+    state = _train(hp, steps=13, evals={13})[2]
+    saved = state["averager"].state_dict()
+    assert saved["twa_passes_spent"] == 6
+    _, _, resumed = _init(hp)
+    resumed["averager"].load_state_dict(saved)
+    assert resumed["averager"].state_dict()["twa_passes_spent"] == 6
+
+
+def test_a_budget_of_zero_is_refused() -> None:
     with pytest.raises(TWAError, match="twa_budget=0"):
-        _init(hparams(**TWA, twa_budget=0))
+        _init(hparams(**{**TWA, "twa_budget": 0}))

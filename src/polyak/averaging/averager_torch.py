@@ -145,8 +145,8 @@ class TorchAverager:
         )
         # Which weights the last eval got under averaging_select="best" (1: the average).
         self.last_selection: dict[str, float] = {}
-        # The newest step at the previous TWA eval: the fit's budget follows the cadence.
-        self._step_at_last_fit = 0
+        # Passes over a batch that TWA's fits have cost so far (see TWAConfig.budget).
+        self._twa_passes_spent = 0
         self._buffer_stash: Tensors | None = None
         self.last_twa_result: twa_torch.TWAResult | None = None
         if not config.enabled or not self._live:
@@ -322,9 +322,13 @@ class TorchAverager:
             self._buffer_stash = [b.detach().clone() for b in buffers]
         batches, held_out = self.twa_batches()
         config = self.config.twa
-        newest_step = self._recent_batches[-1][0] if self._recent_batches else 0
-        steps = config.steps_within_budget(newest_step - self._step_at_last_fit, len(held_out))
-        self._step_at_last_fit = newest_step
+        steps_trained = self._recent_batches[-1][0] if self._recent_batches else 0
+        re_estimates = config.recompute_batch_norm and bool(
+            twa_torch.batch_norm_layers(self._module)
+        )
+        fit_passes = config.fit_passes(len(held_out))
+        if re_estimates:
+            fit_passes += len(batches) + len(held_out)
         if not batches:
             # Nothing to fit on (never the case under AlgoPerf once a collection
             # was made): the uniform average with the live buffers.
@@ -332,21 +336,30 @@ class TorchAverager:
                 self._store.mean_into(self._live)  # type: ignore[union-attr]
             self.last_twa_result = None
             return
-        if not held_out or steps == 0:
+        if (
+            not held_out
+            or config.steps == 0
+            or not config.affords(fit_passes, steps_trained, self._twa_passes_spent)
+        ):
             # No batch could tell a fit that only follows the newest checkpoint
-            # from a better average (or the budget allows no fit): the uniform
-            # average, without building the subspace.
+            # from a better average (or the budget does not pay for a fit yet):
+            # the uniform average, without building the subspace.
+            # BatchNorm statistics are re-estimated for it only if the budget pays
+            # for that too; otherwise it keeps the live ones, as LAWA does.
+            recompute = re_estimates and config.affords(
+                len(batches), steps_trained, self._twa_passes_spent
+            )
             with torch.no_grad():
                 self._store.mean_into(self._live)  # type: ignore[union-attr]
             self.last_twa_result = twa_torch.uniform_result(
                 self._module,
                 len(self._window_order()),
-                config,
+                dataclasses.replace(config, recompute_batch_norm=recompute),
                 context.forward_fn or context.loss_fn,
                 batches,
             )
+            self._twa_passes_spent += self.last_twa_result.passes(len(batches), 0)
             return
-        config = dataclasses.replace(config, steps=steps)
         slots = self._window_order()
         shapes = [t.shape for t in self._live]
         store = self._store
@@ -368,6 +381,7 @@ class TorchAverager:
                 validation_batches=held_out or None,
                 validation_loss_fn=context.validation_loss_fn,
             )
+        self._twa_passes_spent += self.last_twa_result.passes(len(batches), len(held_out))
 
     def _window_order(self) -> list[int]:
         """The filled window slots, oldest snapshot first."""
@@ -430,6 +444,7 @@ class TorchAverager:
             "num_collected": self._counters.num_collected,
             "num_skipped_nonfinite": self._counters.num_skipped_nonfinite,
             "last_step": self._last_step,
+            "twa_passes_spent": self._twa_passes_spent,
             "swapped": self._swapped,
             # The live weights while the module holds the average.
             "stash": stash,
@@ -467,6 +482,8 @@ class TorchAverager:
         self._counters.num_skipped_nonfinite = int(state["num_skipped_nonfinite"])
         # Checkpoints written before "last_step" existed: nothing is skipped.
         self._last_step = int(state.get("last_step", 0))
+        # And before TWA's budget was counted: nothing was spent.
+        self._twa_passes_spent = int(state.get("twa_passes_spent", 0))
         self._swapped = False
         if state["stash"] is not None:
             spare = self._spare_buffers()

@@ -115,11 +115,18 @@ class TWAConfig:
       weight and bias).
     - ``recompute_batch_norm`` (``twa_recompute_bn``): recompute BatchNorm
       statistics for the result.
-    - ``budget`` (``twa_budget``): the fit's passes over a batch (its steps
-      plus the two validation passes per held-out batch) are at most this
-      fraction of the training steps since the previous eval, so its cost
-      follows the eval cadence: at 0.5 and an eval every 100 steps, at most
-      50 passes. ``None``: ``steps`` whatever the cadence.
+    - ``budget`` (``twa_budget``): what the fits may cost, as a fraction of the
+      training steps so far. A fit costs its steps plus two passes per held-out
+      batch that judge it (and a forward pass per batch where BatchNorm
+      statistics are re-estimated); the costs of all fits add up to at most
+      ``budget`` times the steps trained. A fit always runs whole (``steps``
+      steps): the budget decides how often one runs, not how long. An eval the
+      unspent budget does not pay for evaluates the uniform average (LAWA), at
+      the cost of the mean. At the defaults (0.1, 50 steps, 8 held-out batches:
+      66 passes) a fit runs at most once every 660 training steps;
+      ``twa_budget=1e6`` fits at every eval that has held-out batches.
+      ``None`` (from Python only; a missing or None hyperparameter takes the
+      default): no cap.
     """
 
     steps: int = 50
@@ -127,7 +134,7 @@ class TWAConfig:
     lr: float = 0.1
     layerwise: bool | int = False
     recompute_batch_norm: bool = True
-    budget: float | None = None
+    budget: float | None = 0.1
 
     # Hyperparameter name → field.
     HYPERPARAMETERS: ClassVar[Mapping[str, str]] = MappingProxyType(
@@ -174,8 +181,8 @@ class TWAConfig:
             or not (math.isfinite(budget) and budget > 0)
         ):
             raise TWAError(
-                f"twa_budget={budget!r} must be a finite number > 0 (fit passes per training "
-                "step since the previous eval) or None (no cap)"
+                f"twa_budget={budget!r} must be a finite number > 0 (the fits' passes "
+                "per training step; 0.1 by default)"
             )
         if budget is not None:
             object.__setattr__(self, "budget", float(budget))
@@ -191,13 +198,17 @@ class TWAConfig:
         """Reads the ``twa_*`` names (missing or None: the field defaults)."""
         return cls(**_read(cls, hyperparameters))
 
-    def steps_within_budget(self, steps_since_eval: int, num_held_out: int) -> int:
-        """The fit steps allowed after ``steps_since_eval`` training steps, when
-        ``num_held_out`` batches are scored twice to judge the fit."""
+    def fit_passes(self, num_held_out: int) -> int:
+        """What a fit costs in passes over a batch: its steps, and the two
+        passes per held-out batch that compare it with the uniform average."""
+        return self.steps + 2 * num_held_out
+
+    def affords(self, passes: int, steps_trained: int, passes_spent: int) -> bool:
+        """Whether ``passes`` more fit in the budget after ``steps_trained`` training
+        steps, ``passes_spent`` of it already spent on earlier fits."""
         if self.budget is None:
-            return self.steps
-        passes = math.floor(self.budget * steps_since_eval) - 2 * num_held_out
-        return max(0, min(self.steps, passes))
+            return True
+        return passes_spent + passes <= self.budget * steps_trained
 
     @property
     def tensors_per_block(self) -> int:

@@ -73,6 +73,7 @@ __all__ = [
     "TWAError",
     "TWAResult",
     "TWASubspace",
+    "batch_norm_layers",
     "build_subspace",
     "fit_twa",
     "recompute_batch_norm",
@@ -262,6 +263,15 @@ class TWAResult:
     checkpoint_weights: torch.Tensor
     num_directions: tuple[int, ...]
     batch_norm_recomputed: bool
+
+    def passes(self, num_batches: int, num_held_out: int) -> int:
+        """What this result cost in passes over a batch (``TWAConfig.budget``'s
+        unit), given the numbers of fit and held-out batches it was made with:
+        the fit's steps, two judging passes per held-out batch when a fit was
+        judged, and one per batch that re-estimated BatchNorm statistics."""
+        judged = 2 * num_held_out if self.uniform_loss is not None else 0
+        recomputed = num_batches + num_held_out if self.batch_norm_recomputed else 0
+        return len(self.step_losses) + judged + recomputed
 
 
 LossFn = Callable[..., torch.Tensor]
@@ -522,6 +532,15 @@ def _bind(function: Callable[..., Any], batch: Any) -> Callable[[nn.Module], Any
     return lambda module: function(module, batch)
 
 
+def batch_norm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``module`` that track running statistics."""
+    return [
+        m
+        for m in unwrap_module(module).modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
 @torch.no_grad()
 def recompute_batch_norm(
     module: nn.Module, forwards: Sequence[Callable[[nn.Module], Any]], world: int | None = None
@@ -534,11 +553,7 @@ def recompute_batch_norm(
     module has BatchNorm layers that track statistics.
     """
     inner = unwrap_module(module)
-    layers = [
-        m
-        for m in inner.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    layers = batch_norm_layers(inner)
     if not layers or not forwards:
         return False
     momenta = [m.momentum for m in layers]

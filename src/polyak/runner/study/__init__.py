@@ -6,8 +6,8 @@ of the small CPU workloads, so that anyone can check them in minutes:
 
 1. *Does averaging reach the target sooner?* Every submission x framework x
    workload with no averaging, LAWA and EMA, both also with the best-of
-   selection (``averaging_select="best"``), and TWA for PyTorch (also with its
-   fit capped by ``twa_budget``), over several seeds: steps and submission time
+   selection (``averaging_select="best"``), and TWA for PyTorch (at the default
+   ``twa_budget`` and at one that fits at every eval), over several seeds: steps and submission time
    to the validation target, median and min-max.
 2. *How sensitive is it to ν (``averaging_every``), L (``lawa_window``) and β
    (``ema_beta``)?* A grid for one submission and framework: ν x L for LAWA,

@@ -445,10 +445,11 @@ def _setup(analysis: StudyAnalysis) -> list[str]:
         *(
             [
                 '- TWA (PyTorch only): `averaging="twa"` with the LAWA row\'s ν and L and the '
-                "default `twa_*` fit settings; its fit runs in `prepare_for_eval` on recent "
-                "training batches, so its cost is submission time. The *budget* row caps the "
-                "fit at that fraction of the training steps since the previous eval "
-                "(`twa_budget`)."
+                "default `twa_*` fit settings but for the *budget* (`twa_budget`): its fits "
+                "run in `prepare_for_eval` on recent training batches, so their cost is "
+                "submission time, and together they may cost that fraction of the training "
+                "steps so far (in passes over a batch). Budget 0.1 is the default; 1e+06 "
+                "pays for a fit at every eval."
             ]
             if has_twa
             else []

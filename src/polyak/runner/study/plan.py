@@ -160,10 +160,11 @@ class StudySettings:
     lawa: Setting = Setting("lawa", every=8, window=5)
     ema: Setting = Setting("ema", every=8, beta=0.9)
     include_twa: bool = True  # with the LAWA setting's ν and L
-    # Rows added to the above: LAWA and EMA with averaging_select="best", and TWA with its
-    # fit capped at this fraction of the training steps between evals (None: no such row).
+    # Rows added to the above: LAWA and EMA with averaging_select="best".
     include_best: bool = True
-    twa_budget: float | None = 0.5
+    # One TWA row per budget (twa_budget, written into the point so that a change of the
+    # default cannot relabel finished runs): the default, and one that fits at every eval.
+    twa_budgets: tuple[float, ...] = (0.1, 1e6)
     # Question 2: sensitivity (one submission and framework).
     grid_submission: str = "nadamw"
     grid_framework: str = "pytorch"
@@ -220,11 +221,11 @@ class StudySettings:
         settings = [Setting(), self.lawa, self.ema]
         if self.include_best:
             settings += [dataclasses.replace(s, select="best") for s in (self.lawa, self.ema)]
-        twa = Setting("twa", every=self.lawa.every, window=self.lawa.window)
-        if self.include_twa and (framework == "pytorch" or twa.averaging not in TORCH_ONLY_MODES):
-            settings.append(twa)
-            if self.twa_budget is not None:
-                settings.append(dataclasses.replace(twa, twa_budget=self.twa_budget))
+        if self.include_twa and (framework == "pytorch" or "twa" not in TORCH_ONLY_MODES):
+            settings += [
+                Setting("twa", every=self.lawa.every, window=self.lawa.window, twa_budget=budget)
+                for budget in self.twa_budgets
+            ]
         return settings
 
     def lawa_grid(self) -> list[Setting]:
