@@ -339,7 +339,8 @@ def test_batch_norm_statistics_are_recomputed_from_the_data() -> None:
     momentum = batch_norm.momentum
     batches = _classification_batches(4, seed=9)
     snapshots = _random_snapshots([tuple(p.shape) for p in model.parameters()], 4, seed=10)
-    result = fit_twa(model, snapshots, TWAConfig(steps=0), _cross_entropy, batches)
+    config = TWAConfig(steps=0, recompute_batch_norm=True)
+    result = fit_twa(model, snapshots, config, _cross_entropy, batches)
     assert result.batch_norm_recomputed
     assert batch_norm.momentum == momentum
 
