@@ -12,6 +12,9 @@ the whole measurement with fresh optimizers and ends with every run's ratio, so
 "<= 1.3x in every run" can be read off one command.
 
     python scripts/bench_nadamw_torch.py [--threads 2] [--repeats 50] [--warmup 5] [--runs 5]
+
+``--device=cuda`` times the same steps on the GPU (each step synchronized, so its
+time is the kernels', not the launch's); CPU time then measures the host's launch work.
 """
 
 from __future__ import annotations
@@ -42,33 +45,43 @@ def parameter_shapes(num_blocks: int) -> list[tuple[int, ...]]:
 
 
 def make_parameters(
-    shapes: list[tuple[int, ...]], seed: int, dtype: torch.dtype
+    shapes: list[tuple[int, ...]], seed: int, dtype: torch.dtype, device: torch.device
 ) -> list[torch.nn.Parameter]:
     generator = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
-        param = torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype))
-        param.grad = torch.randn(shape, generator=generator, dtype=dtype)
+        value = torch.randn(shape, generator=generator, dtype=dtype)
+        param = torch.nn.Parameter(value.to(device))
+        param.grad = torch.randn(shape, generator=generator, dtype=dtype).to(device)
         params.append(param)
     return params
 
 
 def build_variants(
-    shapes: list[tuple[int, ...]], dtype: torch.dtype
+    shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.optim.Optimizer]:
     hyper = {"lr": 1e-3, "betas": (0.97, 0.998), "eps": 1e-8, "weight_decay": 0.1}
+
+    def parameters() -> list[torch.nn.Parameter]:
+        return make_parameters(shapes, 0, dtype, device)
+
     return {
-        "polyak NAdamW fused (compiled)": NAdamW(
-            make_parameters(shapes, 0, dtype), **hyper, fused=True
-        ),
-        "polyak NAdamW foreach": NAdamW(make_parameters(shapes, 0, dtype), **hyper, foreach=True),
-        "torch AdamW foreach": torch.optim.AdamW(
-            make_parameters(shapes, 0, dtype), **hyper, foreach=True
-        ),
-        "torch AdamW fused": torch.optim.AdamW(
-            make_parameters(shapes, 0, dtype), **hyper, fused=True
-        ),
+        "polyak NAdamW fused (compiled)": NAdamW(parameters(), **hyper, fused=True),
+        "polyak NAdamW foreach": NAdamW(parameters(), **hyper, foreach=True),
+        "torch AdamW foreach": torch.optim.AdamW(parameters(), **hyper, foreach=True),
+        "torch AdamW fused": torch.optim.AdamW(parameters(), **hyper, fused=True),
     }
+
+
+def synchronized(step: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """``step`` and then a wait for its kernels, where they run asynchronously."""
+
+    def run() -> None:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
 
 
 def time_call(function: Callable[[], object]) -> float:
@@ -100,19 +113,26 @@ def paired_median_ratios(
 
 
 def measure_once(
-    shapes: list[tuple[int, ...]], dtype: torch.dtype, warmup: int, repeats: int
+    shapes: list[tuple[int, ...]],
+    dtype: torch.dtype,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
     """Wall and CPU seconds per timed step of every variant, and each first step."""
-    variants = build_variants(shapes, dtype)
-    first_step = {name: time_call(optimizer.step) for name, optimizer in variants.items()}
+    steps = {
+        name: synchronized(optimizer.step, device)
+        for name, optimizer in build_variants(shapes, dtype, device).items()
+    }
+    first_step = {name: time_call(step) for name, step in steps.items()}
     for _ in range(warmup):
-        for optimizer in variants.values():
-            optimizer.step()
-    wall: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
+        for step in steps.values():
+            step()
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        for name, optimizer in variants.items():
-            seconds, cpu_seconds = time_call_with_cpu(optimizer.step)
+        for name, step in steps.items():
+            seconds, cpu_seconds = time_call_with_cpu(step)
             wall[name].append(seconds)
             cpu[name].append(cpu_seconds)
     return wall, cpu, first_step
@@ -126,7 +146,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50, help="timed steps per variant")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--runs", type=int, default=1, help="whole measurements, fresh optimizers")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device=cuda: no CUDA device is visible")
+    device = torch.device(args.device)
     if min(args.blocks, args.repeats, args.threads, args.runs) < 1 or args.warmup < 0:
         parser.error("--blocks, --repeats, --threads and --runs must be >= 1, --warmup >= 0")
 
@@ -135,13 +159,13 @@ def main() -> None:
     shapes = parameter_shapes(args.blocks)
     num_params = sum(torch.Size(shape).numel() for shape in shapes)
     print(
-        f"torch {torch.__version__}, {args.threads} threads, {len(shapes)} tensors, "
+        f"torch {torch.__version__}, {args.device}, {args.threads} threads, {len(shapes)} tensors, "
         f"{num_params / 1e6:.2f}M params, {args.dtype}, "
         f"median of {args.repeats} steps after {args.warmup} warmup, {args.runs} run(s)"
     )
     per_run: list[dict[str, float]] = []
     for run in range(1, args.runs + 1):
-        wall, cpu, first_step = measure_once(shapes, dtype, args.warmup, args.repeats)
+        wall, cpu, first_step = measure_once(shapes, dtype, args.warmup, args.repeats, device)
         ratios = paired_median_ratios(wall)
         cpu_ratios = paired_median_ratios(cpu)
         per_run.append(ratios)

@@ -36,23 +36,27 @@ VARIANTS: dict[str, dict[str, bool]] = {
 }
 
 
-def run_child(variant: str, steps: int, threads: int, blocks: int) -> dict[str, float]:
+def run_child(
+    variant: str, steps: int, threads: int, blocks: int, device_name: str
+) -> dict[str, float]:
     """One run in this process; returns the first step's and the whole run's seconds."""
     import torch
 
     from polyak.optim.nadamw_torch import NAdamW
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_nadamw_torch import make_parameters, parameter_shapes
+    from bench_nadamw_torch import make_parameters, parameter_shapes, synchronized
 
     torch.set_num_threads(threads)
-    params = make_parameters(parameter_shapes(blocks), seed=0, dtype=torch.float32)
+    device = torch.device(device_name)
+    params = make_parameters(parameter_shapes(blocks), seed=0, dtype=torch.float32, device=device)
     optimizer = NAdamW(params, lr=1e-3, betas=(0.97, 0.998), weight_decay=0.1, **VARIANTS[variant])
+    step = synchronized(optimizer.step, device)
     start = time.perf_counter()
-    optimizer.step()
+    step()
     first = time.perf_counter() - start
     for _ in range(steps - 1):
-        optimizer.step()
+        step()
     total = time.perf_counter() - start
     return {"first": first, "total": total}
 
@@ -66,6 +70,7 @@ def spawn(variant: str, args: argparse.Namespace, cache_dir: str) -> dict[str, f
         f"--steps={args.steps}",
         f"--threads={args.threads}",
         f"--blocks={args.blocks}",
+        f"--device={args.device}",
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
@@ -87,12 +92,13 @@ def main() -> None:
         action="store_true",
         help="share one inductor cache, filled by an untimed run first",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--child", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if min(args.steps, args.processes, args.threads, args.blocks) < 1:
         parser.error("--steps, --processes, --threads and --blocks must be >= 1")
     if args.child:
-        print(json.dumps(run_child(args.child, args.steps, args.threads, args.blocks)))
+        print(json.dumps(run_child(args.child, args.steps, args.threads, args.blocks, args.device)))
         return
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -115,7 +121,7 @@ def main() -> None:
                 print(f"  round {round_index + 1} {name}: {results[name][-1]}", file=sys.stderr)
 
     print(
-        f"{args.steps} steps, {args.blocks * 6} tensors, {args.threads} threads, "
+        f"{args.steps} steps on {args.device}, {args.blocks * 6} tensors, {args.threads} threads, "
         f"median of {args.processes} fresh processes, "
         f"{'warm' if args.warm_cache else 'cold'} inductor cache, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"

@@ -42,6 +42,12 @@ def test_bench_gpu_cpu_check_prints_every_ratio() -> None:
     assert "vs torch AveragedModel" in out
     assert "own check" in out
     assert "EMA fold on the worker thread" in out
+    # NadamW: both runs' ratios, and the fresh-process start-up of the two paths.
+    assert "paired wall-time ratio to torch AdamW fused, per run" in out
+    assert "polyak NAdamW fused (compiled): " in out
+    assert "fresh processes" in out and "default " in out and "foreach " in out
+    # TWA: every setting's share of submission time, and TWA's steps against LAWA.
+    assert out.count("steps / LAWA (per seed)") == 3
     assert "nan" not in out.lower().replace("nanoseconds", "")
 
 
