@@ -6,7 +6,7 @@ milliseconds per step and the ratio to no averaging. Collections are made
 frequent (ν = 8) so that the averaging cost shows if there is any, and at
 ν = 64 for the common case.
 
-  python scripts/bench_jax_averaging.py --workload=digits --steps=200 --rounds=5
+  python scripts/bench_jax_averaging.py --workload=digits --steps=200 --rounds=15
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from polyak.workloads.registry import make_workload
 
 flags.DEFINE_string("workload", "digits", "Embedded workload.")
 flags.DEFINE_integer("steps", 200, "Timed steps per round (after a compile/warm-up round).")
-flags.DEFINE_integer("rounds", 5, "Interleaved rounds per setting.")
+flags.DEFINE_integer("rounds", 15, "Interleaved rounds per setting.")
 FLAGS = flags.FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,21 +72,27 @@ def main(argv: list[str]) -> None:
         runs[name][1:] = [params, model_state, state, step]
         return 1000.0 * elapsed / len(batches)
 
-    for name in SETTINGS:  # compile and warm up
+    names = list(SETTINGS)
+    for name in names:  # compile and warm up
         one_round(name)
-    times: dict[str, list[float]] = {name: [] for name in SETTINGS}
-    for _ in range(FLAGS.rounds):
-        for name in SETTINGS:
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(FLAGS.rounds):
+        # A step is well under a millisecond: whichever setting runs first or last in
+        # a round would carry the round's drift, so the order turns every round.
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             times[name].append(one_round(name))
-    base = statistics.median(times["none"])
     print(
         f"jax {jax.__version__}, {len(jax.devices())} device(s), workload {FLAGS.workload}, "
         f"{FLAGS.steps} steps x {FLAGS.rounds} interleaved rounds"
     )
-    print(f"{'setting':32s} {'median ms/step':>15s} {'ratio to none':>14s}")
+    print(f"{'setting':32s} {'median ms/step':>15s} {'ratio to none':>14s} {'paired ratio':>13s}")
+    base = statistics.median(times["none"])
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:32s} {median:15.3f} {median / base:14.3f}")
+        # Each round's time over the same round's run without averaging.
+        paired = statistics.median(v / b for v, b in zip(values, times["none"]))
+        print(f"{name:32s} {median:15.3f} {median / base:14.3f} {paired:13.3f}")
 
 
 if __name__ == "__main__":
