@@ -345,3 +345,13 @@ def test_script_rebuilds_a_page_listing_missing_runs(tmp_path):
     assert "## Missing runs" in text
     assert "--analyze_only" not in text.split("```")[1]  # the command that makes the runs
     assert "rebuilt from the finished runs" in text
+
+
+def test_every_twa_row_writes_its_budget_into_the_point():
+    # A row that left twa_budget to the default would be relabelled by a change of
+    # the default, and finished runs would be read as the new setting.
+    settings = study.StudySettings(twa_budgets=(0.1, 1e6))
+    twa_rows = [s for s in settings.time_to_target_settings("pytorch") if s.averaging == "twa"]
+    assert [s.hyperparameters()["twa_budget"] for s in twa_rows] == [0.1, 1e6]
+    assert len({s.label("nadamw") for s in twa_rows}) == 2
+    assert not [s for s in settings.time_to_target_settings("jax") if s.averaging == "twa"]
