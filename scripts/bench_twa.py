@@ -122,6 +122,8 @@ def main(argv: list[str]) -> None:
     unknown = [name for name in FLAGS.settings if name not in table]
     if unknown:
         raise app.UsageError(f"--settings {unknown} unknown; expected some of {list(table)}")
+    if not all(seed.isdigit() for seed in FLAGS.seeds):
+        raise app.UsageError(f"--seeds={','.join(FLAGS.seeds)}: expected integers >= 0")
     module = load_submission_module(REPO / "submissions/nadamw/pytorch/submission.py")
     base = json.loads((REPO / "tuning_search_spaces/nadamw.json").read_text())[0]
     limit = FLAGS.max_steps or int(make_workload(FLAGS.workload, "pytorch").step_hint)
