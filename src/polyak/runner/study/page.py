@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from polyak.averaging.config import TWAConfig
 from polyak.files import atomic_write_text
 from polyak.runner.study.analysis import StudyAnalysis, Summary
 from polyak.runner.study.plan import StudySettings
@@ -448,8 +449,8 @@ def _setup(analysis: StudyAnalysis) -> list[str]:
                 "default `twa_*` fit settings but for the *budget* (`twa_budget`): its fits "
                 "run in `prepare_for_eval` on recent training batches, so their cost is "
                 "submission time, and together they may cost that fraction of the training "
-                "steps so far (in passes over a batch). Budget 0.1 is the default; 1e+06 "
-                "pays for a fit at every eval."
+                "steps so far (in passes over a batch). The default budget is "
+                f"{TWAConfig().budget:g}; one far above 1 pays for a fit at every eval."
             ]
             if has_twa
             else []
